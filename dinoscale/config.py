@@ -215,11 +215,15 @@ class DedupConfig:
 class KMeansConfig:
     n_clusters: List[int] = knob([100, 10], "clusters per level, finest first")
     n_resampling_steps: List[int] = knob([10, 10], "resampling steps per level")
-    sample_size: List[int] = knob([10, 5], "points per cluster kept in each resampling step")
+    sample_size: List[int] = knob([10, 5], "points per cluster kept in each resampling step (1: no resampling)")
+    resampling_strategy: str = knob("closest", "which points of a cluster re-fit the centroids in a resampling step",
+                                    choices=["closest", "random"])
     n_iter: int = knob(20, "k-means iterations per fit", min=1)
-    n_split: int = knob(1, "split the first level into this many independent sub-problems", min=1)
-    train_sample: Optional[int] = knob(None, "fit level 1 on this many points and assign the rest")
-    dtype: str = knob("float32", "precision of the clustering", choices=["float32", "float64"])
+    n_split: int = knob(1, "split each first-level cluster into this many by k-means on its members "
+                           "(level 1 ends with n_clusters[0] * n_split clusters)", min=1)
+    train_sample: Optional[int] = knob(None, "fit level 1 on this many points and assign the rest", min=1)
+    dtype: str = knob("float32", "precision of centroid means and stored centroids (faiss searches in float32)",
+                      choices=["float32", "float64"])
 
 
 @dataclass

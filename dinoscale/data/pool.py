@@ -1,0 +1,306 @@
+"""Image pools: one read-only, indexed view over an image folder, a text file of paths, or
+webdataset tar shards in the layout img2dataset writes (`KEY.jpg|png|webp` + `KEY.json|txt`).
+
+Item i is the same image on every read, with a stable string key; row i of every array a
+later stage writes belongs to item i. Decoding never stops a run: an image that cannot be
+read as RGB is skipped, counted by reason and its key logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dinoscale.errors import DataError
+from dinoscale.utils.logging import get_logger
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 64_000_000  # larger images are treated as decompression bombs
+DEFAULT_MIN_SIDE = 8
+
+log = get_logger(__name__)
+
+
+@dataclass
+class DecodeResult:
+    image: Image.Image | None
+    skip_reason: str | None = None
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE) -> DecodeResult:
+    """Decode bytes to an upright RGB image, or say why it must be skipped."""
+    if not data:
+        return DecodeResult(None, "empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                return DecodeResult(None, "too_large")
+            if min(width, height) < min_side:
+                return DecodeResult(None, "too_small")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return DecodeResult(_to_rgb(img))
+    except UnidentifiedImageError:
+        return DecodeResult(None, "not_an_image")
+    except Image.DecompressionBombError:
+        return DecodeResult(None, "too_large")
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return DecodeResult(None, "truncated_or_corrupt")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: keep the dynamic range instead of clipping at 255
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+@dataclass
+class PoolSummary:
+    total: int
+    readable: int
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        skips = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        return f"{self.total} items, {self.readable} readable, skipped: {skips}"
+
+
+class ImagePool:
+    """Base class: subclasses provide `keys`, `_read(i)` and optionally labels."""
+
+    keys: list[str]
+    labels: list[int] | None = None
+    class_names: list[str] | None = None
+
+    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE):
+        self.max_pixels = max_pixels
+        self.min_side = min_side
+        self.skipped: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _read(self, index: int) -> bytes:
+        raise NotImplementedError
+
+    def read_bytes(self, index: int) -> bytes:
+        try:
+            return self._read(index)
+        except OSError as err:
+            log.warning("cannot read %s: %s", self.keys[index], err)
+            return b""
+
+    def load(self, index: int) -> Image.Image | None:
+        """The RGB image of item `index`, or None when it is skipped (counted and logged)."""
+        result = decode_image(self.read_bytes(index), self.max_pixels, self.min_side)
+        if result.image is None:
+            self.skipped[result.skip_reason] += 1
+            log.info("skipping %s: %s", self.keys[index], result.skip_reason)
+        return result.image
+
+    def content_hash(self, index: int) -> str:
+        return hashlib.sha256(self.read_bytes(index)).hexdigest()
+
+    def slice(self, worker: int, n_workers: int) -> range:
+        """Worker `worker` of `n_workers` gets this disjoint contiguous range of items."""
+        if not 0 <= worker < n_workers:
+            raise DataError(f"slice {worker}/{n_workers} is invalid: need 0 <= i < n")
+        n = len(self)
+        return range(worker * n // n_workers, (worker + 1) * n // n_workers)
+
+    def scan(self, indices: Sequence[int] | None = None) -> PoolSummary:
+        """Decode every item once and count the skips."""
+        before = Counter(self.skipped)
+        indices = range(len(self)) if indices is None else indices
+        readable = sum(self.load(i) is not None for i in indices)
+        return PoolSummary(len(indices), readable, dict(self.skipped - before))
+
+    def summary(self) -> PoolSummary:
+        return PoolSummary(len(self), len(self) - sum(self.skipped.values()), dict(self.skipped))
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _labels_from_keys(keys: list[str]) -> tuple[list[int] | None, list[str] | None]:
+    """Class sub-folders give labels when every key lies in one."""
+    if not keys or any("/" not in k for k in keys):
+        return None, None
+    names = sorted({k.split("/", 1)[0] for k in keys})
+    index = {name: i for i, name in enumerate(names)}
+    return [index[k.split("/", 1)[0]] for k in keys], names
+
+
+class FolderPool(ImagePool):
+    """Every image file below `root`, sorted by relative path; class sub-folders give labels."""
+
+    def __init__(self, root: str | os.PathLike, **kwargs):
+        super().__init__(**kwargs)
+        self.root = Path(root)
+        paths = sorted(p for p in self.root.rglob("*") if p.is_file() and _is_image(p))
+        if not paths:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
+        self.paths = paths
+        self.keys = [str(p.relative_to(self.root).with_suffix("").as_posix()) for p in paths]
+        self.labels, self.class_names = _labels_from_keys(self.keys)
+
+    def _read(self, index: int) -> bytes:
+        return self.paths[index].read_bytes()
+
+
+class PathListPool(ImagePool):
+    """A text file with one image path per line (relative paths are relative to the file)."""
+
+    def __init__(self, list_file: str | os.PathLike, **kwargs):
+        super().__init__(**kwargs)
+        list_file = Path(list_file)
+        base = list_file.parent
+        lines = [ln.strip() for ln in list_file.read_text().splitlines()]
+        self.paths = [Path(ln) if Path(ln).is_absolute() else base / ln for ln in lines if ln and not ln.startswith("#")]
+        if not self.paths:
+            raise DataError(f"{list_file} lists no image paths")
+        self.keys = [_key_for_path(p, base) for p in self.paths]
+        if len(set(self.keys)) != len(self.keys):
+            raise DataError(f"{list_file} lists the same image key twice; keys must be unique")
+        self.labels, self.class_names = _labels_from_keys(self.keys)
+
+    def _read(self, index: int) -> bytes:
+        return self.paths[index].read_bytes()
+
+
+def _key_for_path(path: Path, base: Path) -> str:
+    try:
+        return path.relative_to(base).with_suffix("").as_posix()
+    except ValueError:
+        return path.with_suffix("").as_posix().lstrip("/")
+
+
+@dataclass
+class _Member:
+    shard: int
+    offset: int
+    size: int
+
+
+class TarShardPool(ImagePool):
+    """webdataset tar shards (img2dataset layout): random access through a member index.
+
+    Labels come from `KEY.cls` or the `label` field of `KEY.json` when every item has one.
+    """
+
+    def __init__(self, shards: Sequence[str | os.PathLike], **kwargs):
+        super().__init__(**kwargs)
+        self.shards = [Path(s) for s in shards]
+        if not self.shards:
+            raise DataError("no tar shards given")
+        self.keys = []
+        self._members: list[_Member] = []
+        raw_labels: list[str | None] = []
+        for shard_id, shard in enumerate(self.shards):
+            for key, member, label in _index_shard(shard):
+                self.keys.append(key)
+                self._members.append(_Member(shard_id, member.offset_data, member.size))
+                raw_labels.append(label)
+        if not self.keys:
+            raise DataError(f"the tar shards ({self.shards[0]} ...) hold no images")
+        self._handles: dict[int, object] = {}
+        self._pid = os.getpid()
+        if all(lbl is not None for lbl in raw_labels):
+            names = sorted(set(raw_labels), key=_natural_key)
+            index = {name: i for i, name in enumerate(names)}
+            self.labels, self.class_names = [index[lbl] for lbl in raw_labels], names
+
+    def _read(self, index: int) -> bytes:
+        if os.getpid() != self._pid:  # a forked worker must not share file offsets
+            self._handles, self._pid = {}, os.getpid()
+        member = self._members[index]
+        handle = self._handles.get(member.shard)
+        if handle is None:
+            handle = self._handles[member.shard] = open(self.shards[member.shard], "rb")
+        handle.seek(member.offset)
+        return handle.read(member.size)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+
+def _natural_key(text: str) -> tuple:
+    return (0, int(text), "") if text.isdigit() else (1, 0, text)
+
+
+def _index_shard(shard: Path) -> Iterator[tuple[str, tarfile.TarInfo, str | None]]:
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            by_key: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for m in members:
+                stem, dot, ext = m.name.rpartition("/")[2].partition(".")
+                prefix = m.name.rpartition("/")[0]
+                key = f"{prefix}/{stem}" if prefix else stem
+                by_key.setdefault(key, {})[ext.lower()] = m
+            for key, parts in by_key.items():
+                image = next((parts[e.lstrip(".")] for e in IMAGE_EXTENSIONS if e.lstrip(".") in parts), None)
+                if image is None:
+                    continue
+                yield key, image, _label_of(tar, parts)
+    except tarfile.TarError as err:
+        raise DataError(f"{shard} is not a readable tar shard: {err}") from None
+
+
+def _label_of(tar: tarfile.TarFile, parts: dict[str, tarfile.TarInfo]) -> str | None:
+    if "cls" in parts:
+        return tar.extractfile(parts["cls"]).read().decode().strip()
+    if "json" in parts:
+        try:
+            meta = json.loads(tar.extractfile(parts["json"]).read())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if isinstance(meta, dict) and meta.get("label") is not None:
+            return str(meta["label"])
+    return None
+
+
+def open_pool(path: str | os.PathLike | Sequence[str], **kwargs) -> ImagePool:
+    """Open an image folder, a text file of image paths, a tar shard, a folder of tar shards,
+    or a list of tar shards."""
+    if isinstance(path, (list, tuple)):
+        return TarShardPool(path, **kwargs)
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"pool path {path} does not exist; give an image folder, a .txt list of paths or tar shards")
+    if path.is_file():
+        if path.suffix == ".tar":
+            return TarShardPool([path], **kwargs)
+        if path.suffix in (".txt", ".lst", ".list"):
+            return PathListPool(path, **kwargs)
+        raise DataError(f"{path} is neither a .tar shard nor a .txt list of image paths")
+    shards = sorted(path.glob("*.tar"))
+    if shards and not any(_is_image(p) for p in path.iterdir()):
+        return TarShardPool(shards, **kwargs)
+    return FolderPool(path, **kwargs)

@@ -1,0 +1,281 @@
+"""A deterministic stand-in for an uncurated web pool, so the demo needs no download.
+
+Twelve procedurally drawn classes (shapes, textures, patterns) on varied backgrounds, at
+random positions, scales and colours; long-tailed class frequencies; injected exact and
+near duplicates (JPEG re-encode, resize, small crop, brightness shift) whose ground-truth
+groups are recorded; a few corrupt files. Labels are written beside the pool, never inside
+it, so curation cannot see them. Balanced labelled splits of the same classes are written
+for evaluation.
+
+Layout written under `out_dir`:
+    pool/            img_000000.jpg ... (flat; or pool/*.tar shards with format="shards")
+    pool_labels.json {key: class index}  (-1 for corrupt files)
+    duplicates.json  [{"source": key, "copies": [{"key": k, "kind": "exact|jpeg|resize|crop|brightness"}]}]
+    corrupt.json     [keys]
+    eval_train/CLASS/*.png, eval_test/CLASS/*.png   balanced, disjoint from the pool
+    synthetic.json   the generator's parameters and counts
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
+
+from dinoscale.utils.io import atomic_dir, write_json
+
+CLASS_NAMES = [
+    "disc", "square", "triangle", "h_stripes", "v_stripes", "checker",
+    "rings", "cross", "dots", "diag_stripes", "star", "crescent",
+]
+DUPLICATE_KINDS = ("exact", "jpeg", "resize", "crop", "brightness")
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    n_images: int = 3000
+    image_size: int = 64
+    n_classes: int = 12
+    imbalance: float = 40.0          # largest class / smallest class frequency
+    duplicate_fraction: float = 0.06  # fraction of pool images that get 1-3 copies
+    n_corrupt: int = 6
+    eval_per_class: int = 40         # per split, per class
+    seed: int = 0
+
+
+def class_frequencies(n_classes: int, imbalance: float) -> np.ndarray:
+    """Geometric long tail: frequency ratio between first and last class is `imbalance`."""
+    ratio = imbalance ** (-1.0 / max(n_classes - 1, 1))
+    weights = ratio ** np.arange(n_classes)
+    return weights / weights.sum()
+
+
+def _random_colour(rng: np.random.Generator, avoid: np.ndarray | None = None) -> np.ndarray:
+    while True:
+        colour = rng.integers(0, 256, 3)
+        if avoid is None or np.abs(colour - avoid).sum() > 200:
+            return colour
+
+
+def _background(rng: np.random.Generator, size: int) -> tuple[Image.Image, np.ndarray]:
+    """Gradient, noise or flat backgrounds in random colours."""
+    base = _random_colour(rng).astype(np.float64)
+    kind = rng.integers(0, 3)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    if kind == 0:
+        other = _random_colour(rng).astype(np.float64)
+        angle = rng.uniform(0, 2 * np.pi)
+        t = (np.cos(angle) * xx + np.sin(angle) * yy + 1) / 2
+        arr = base * (1 - t[..., None]) + other * t[..., None]
+    elif kind == 1:
+        arr = base + rng.normal(0, 25, (size, size, 3))
+    else:
+        arr = np.broadcast_to(base, (size, size, 3)).copy()
+    arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr, "RGB"), base
+
+
+def _pattern_mask(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A boolean foreground mask for texture-like classes, inside a random box."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    period = rng.uniform(size / 10, size / 5)
+    phase = rng.uniform(0, period)
+    if kind == "h_stripes":
+        mask = ((yy + phase) % period) < period / 2
+    elif kind == "v_stripes":
+        mask = ((xx + phase) % period) < period / 2
+    elif kind == "diag_stripes":
+        mask = ((xx + yy + phase) % period) < period / 2
+    elif kind == "checker":
+        mask = ((((xx + phase) // period) + ((yy + phase) // period)) % 2) == 0
+    elif kind == "dots":
+        cx, cy = (xx + phase) % period - period / 2, (yy + phase) % period - period / 2
+        mask = cx**2 + cy**2 < (period / 4) ** 2
+    else:
+        raise ValueError(kind)
+    box = np.zeros_like(mask)
+    lo = rng.integers(0, size // 4, 2)
+    hi = rng.integers(3 * size // 4, size + 1, 2)
+    box[lo[1]:hi[1], lo[0]:hi[0]] = True
+    return mask & box
+
+
+def _star(cx: float, cy: float, r: float, rotation: float) -> list[tuple[float, float]]:
+    points = []
+    for k in range(10):
+        radius = r if k % 2 == 0 else r * 0.45
+        angle = rotation + k * math.pi / 5
+        points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+    return points
+
+
+def draw_class(label: int, rng: np.random.Generator, size: int) -> Image.Image:
+    """One image of class `label` with random background, colour, position and scale."""
+    img, bg = _background(rng, size)
+    colour = tuple(int(c) for c in _random_colour(rng, avoid=bg))
+    name = CLASS_NAMES[label]
+    if name in ("h_stripes", "v_stripes", "diag_stripes", "checker", "dots"):
+        mask = _pattern_mask(name, size, rng)
+        arr = np.asarray(img).copy()
+        arr[mask] = colour
+        return Image.fromarray(arr, "RGB")
+    draw = ImageDraw.Draw(img)
+    r = rng.uniform(0.18, 0.38) * size
+    cx, cy = rng.uniform(r, size - r, 2)
+    rotation = rng.uniform(0, 2 * math.pi)
+    if name == "disc":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif name == "square":
+        corners = [(cx + r * math.cos(rotation + k * math.pi / 2), cy + r * math.sin(rotation + k * math.pi / 2))
+                   for k in range(4)]
+        draw.polygon(corners, fill=colour)
+    elif name == "triangle":
+        corners = [(cx + r * math.cos(rotation + k * 2 * math.pi / 3), cy + r * math.sin(rotation + k * 2 * math.pi / 3))
+                   for k in range(3)]
+        draw.polygon(corners, fill=colour)
+    elif name == "rings":
+        width = max(1, int(r / 4))
+        for radius in (r, r * 0.55):
+            draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], outline=colour, width=width)
+    elif name == "cross":
+        w = r * 0.3
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=colour)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=colour)
+    elif name == "star":
+        draw.polygon(_star(cx, cy, r, rotation), fill=colour)
+    elif name == "crescent":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+        dx, dy = 0.5 * r * math.cos(rotation), 0.5 * r * math.sin(rotation)
+        bg_colour = tuple(int(c) for c in np.asarray(img)[int(np.clip(cy + dy, 0, size - 1)), 0])
+        draw.ellipse([cx + dx - r * 0.85, cy + dy - r * 0.85, cx + dx + r * 0.85, cy + dy + r * 0.85], fill=bg_colour)
+    return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.6)))
+
+
+def _encode(img: Image.Image, fmt: str, quality: int = 92) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "jpg":
+        img.save(buf, format="JPEG", quality=quality)
+    else:
+        img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _near_duplicate(kind: str, img: Image.Image, source_bytes: bytes, rng: np.random.Generator) -> bytes:
+    size = img.size[0]
+    if kind == "exact":
+        return source_bytes
+    if kind == "jpeg":
+        return _encode(img, "jpg", quality=int(rng.integers(55, 80)))
+    if kind == "resize":
+        new = int(size * rng.uniform(0.7, 0.9))
+        return _encode(img.resize((new, new), Image.BICUBIC), "jpg", quality=92)
+    if kind == "crop":
+        margin = max(1, int(size * rng.uniform(0.03, 0.08)))
+        box = (margin, margin, size - margin, size - margin)
+        return _encode(img.crop(box).resize((size, size), Image.BICUBIC), "jpg", quality=92)
+    if kind == "brightness":
+        return _encode(ImageEnhance.Brightness(img).enhance(rng.uniform(0.9, 1.1)), "jpg", quality=92)
+    raise ValueError(kind)
+
+
+def _corrupt_bytes(k: int, rng: np.random.Generator, size: int) -> bytes:
+    kind = k % 3
+    if kind == 0:
+        return b""
+    if kind == 1:
+        return b"this is not an image\n" * 4
+    good = _encode(draw_class(0, rng, size), "jpg")
+    return good[: len(good) // 3]
+
+
+def make_synthetic_pool(out_dir: str | Path, spec: SyntheticSpec = SyntheticSpec(), fmt: str = "folder",
+                        shard_size: int = 1000) -> dict:
+    """Write the synthetic pool and its ground truth; returns the summary written to synthetic.json."""
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(spec.seed)
+    freqs = class_frequencies(spec.n_classes, spec.imbalance)
+    n_sources = spec.n_images - spec.n_corrupt
+    # fix the long tail exactly (largest/smallest ratio holds) rather than sampling it
+    counts = np.maximum(1, np.round(freqs * n_sources)).astype(int)
+    counts[0] += n_sources - counts.sum()
+    labels = rng.permutation(np.repeat(np.arange(spec.n_classes), counts))
+
+    n_dup_sources = int(spec.duplicate_fraction * len(labels))
+    n_copies = rng.integers(1, 4, n_dup_sources)
+    n_originals = len(labels) - int(n_copies.sum())
+    originals = labels[:n_originals]
+    dup_sources = rng.choice(n_originals, n_dup_sources, replace=False)
+
+    items: list[tuple[bytes, str, int]] = []  # bytes, extension, label
+    images: list[Image.Image] = []
+    for label in originals:
+        img = draw_class(int(label), rng, spec.image_size)
+        fmt_i = "png" if rng.random() < 0.2 else "jpg"
+        items.append((_encode(img, fmt_i), fmt_i, int(label)))
+        images.append(img)
+    copies_of: dict[int, list[tuple[int, str]]] = {}
+    for source, n in zip(dup_sources, n_copies):
+        for kind in rng.choice(DUPLICATE_KINDS, n, replace=False):
+            src_bytes, src_ext, label = items[source]
+            data = _near_duplicate(str(kind), images[source], src_bytes, rng)
+            copies_of.setdefault(int(source), []).append((len(items), str(kind)))
+            items.append((data, src_ext if kind == "exact" else "jpg", label))
+    corrupt_start = len(items)
+    for k in range(spec.n_corrupt):
+        items.append((_corrupt_bytes(k, rng, spec.image_size), "jpg", -1))
+
+    order = rng.permutation(len(items))  # duplicates and corrupt files scattered through the pool
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    keys = [f"img_{position[i]:06d}" for i in range(len(items))]
+
+    pool_dir = out_dir / "pool"
+    with atomic_dir(pool_dir) as tmp:
+        if fmt == "folder":
+            for i in order:
+                data, ext, _ = items[i]
+                (tmp / f"{keys[i]}.{ext}").write_bytes(data)
+        elif fmt == "shards":
+            _write_tar_shards(tmp, [(keys[i], items[i][1], items[i][0]) for i in order], shard_size)
+        else:
+            raise ValueError(f"unknown pool format {fmt!r}")
+    write_json(out_dir / "pool_labels.json", {keys[i]: items[i][2] for i in range(len(items))})
+    write_json(out_dir / "duplicates.json", [
+        {"source": keys[s], "copies": [{"key": keys[c], "kind": kind} for c, kind in copies]}
+        for s, copies in sorted(copies_of.items(), key=lambda kv: keys[kv[0]])
+    ])
+    write_json(out_dir / "corrupt.json", sorted(keys[i] for i in range(corrupt_start, len(items))))
+    for split in ("eval_train", "eval_test"):
+        with atomic_dir(out_dir / split) as tmp:
+            for label, name in enumerate(CLASS_NAMES[: spec.n_classes]):
+                (tmp / name).mkdir()
+                for j in range(spec.eval_per_class):
+                    draw_class(label, rng, spec.image_size).save(tmp / name / f"{j:04d}.png")
+    class_counts = np.bincount([lbl for _, _, lbl in items if lbl >= 0], minlength=spec.n_classes).tolist()
+    summary = {
+        "spec": asdict(spec), "format": fmt, "n_items": len(items), "class_names": CLASS_NAMES[: spec.n_classes],
+        "class_counts": class_counts, "n_duplicate_groups": len(copies_of),
+        "n_duplicate_copies": int(n_copies.sum()), "n_corrupt": spec.n_corrupt,
+    }
+    write_json(out_dir / "synthetic.json", summary)
+    return summary
+
+
+def _write_tar_shards(out: Path, records: list[tuple[str, str, bytes]], shard_size: int) -> None:
+    for shard_id, start in enumerate(range(0, len(records), shard_size)):
+        with tarfile.open(out / f"{shard_id:05d}.tar", "w") as tar:
+            for key, ext, data in records[start:start + shard_size]:
+                _add_bytes(tar, f"{key}.{ext}", data)
+                _add_bytes(tar, f"{key}.json", f'{{"key": "{key}"}}'.encode())
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))

@@ -1,0 +1,212 @@
+"""Frozen-backbone features of a labelled image pool: CLS token, mean patch token, or both.
+
+Images go through the standard evaluation transform (resize to 256/224 of the crop, centre
+crop, ImageNet normalisation) and the backbone in bf16 autocast where the hardware has it.
+Under torch.distributed each rank embeds a contiguous slice of the pool and the slices are
+all-gathered, so every rank ends with the features of the whole pool in pool order.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from dinoscale.errors import ConfigError, DataError
+from dinoscale.losses.distributed import is_distributed, rank, world_size
+from dinoscale.utils.logging import get_logger, progress
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_RATIO = 256 / 224
+FEATURE_KINDS = ("cls", "patch_mean", "cls_patchmean")
+
+log = get_logger(__name__)
+
+
+class LabelledImages(Protocol):
+    """What feature extraction reads: an `ImagePool` or `ArrayImages`."""
+
+    keys: list[str]
+    labels: list[int] | None
+    class_names: list[str] | None
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> Image.Image | None: ...
+
+
+class ArrayImages:
+    """Images held in memory (uint8 [N, H, W, 3]) with integer labels, read like a pool."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int] | None = None,
+                 class_names: Sequence[str] | None = None):
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise DataError(f"array images must be uint8 of shape [N, H, W, 3], got {images.dtype} {images.shape}")
+        if labels is not None and len(labels) != len(images):
+            raise DataError(f"{len(images)} array images but {len(labels)} labels")
+        self.images = images
+        self.labels = None if labels is None else [int(y) for y in labels]
+        n_classes = 0 if self.labels is None else max(self.labels) + 1
+        self.class_names = list(class_names) if class_names is not None else (
+            None if self.labels is None else [str(c) for c in range(n_classes)])
+        self.keys = [f"{i:08d}" for i in range(len(images))]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index], "RGB")
+
+
+@dataclass
+class FeatureSet:
+    """Features of the readable items of a pool (skipped images have no row), on CPU in float32."""
+
+    cls: torch.Tensor
+    patch_mean: torch.Tensor
+    labels: torch.Tensor | None
+    keys: list[str]
+    class_names: list[str] | None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def select(self, kind: str) -> torch.Tensor:
+        """`cls`, `patch_mean`, or their concatenation `cls_patchmean` (DINOv2's linear-probe input)."""
+        if kind == "cls":
+            return self.cls
+        if kind == "patch_mean":
+            return self.patch_mean
+        if kind == "cls_patchmean":
+            return torch.cat([self.cls, self.patch_mean], dim=1)
+        raise ConfigError(f"unknown feature kind '{kind}'; choose one of {', '.join(FEATURE_KINDS)}")
+
+    def require_labels(self, name: str) -> torch.Tensor:
+        if self.labels is None:
+            raise DataError(f"the {name} dataset has no labels; put its images in one sub-folder per class")
+        return self.labels
+
+
+def eval_transform(image_size: int) -> transforms.Compose:
+    """Resize the short side to 256/224 of `image_size`, centre-crop `image_size`, ImageNet-normalise."""
+    return transforms.Compose([
+        transforms.Resize(round(image_size * RESIZE_RATIO), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+@functools.cache
+def _cpu_has_bf16() -> bool:
+    """avx512_bf16 or AMX: bf16 matmuls run natively (elsewhere bf16 on CPU is emulated and slow)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """bf16 when asked or when `auto` finds hardware support, None for fp32; never fp16."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise ConfigError(f"eval.precision = {precision!r}; choose auto, bf16 or fp32")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else None
+
+
+class _TransformedImages(Dataset):
+    def __init__(self, images: LabelledImages, indices: range, transform: Any, image_size: int):
+        self.images, self.indices, self.transform, self.image_size = images, indices, transform, image_size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
+        index = self.indices[i]
+        image = self.images.load(index)
+        if image is None:  # skipped (already counted and logged by the pool)
+            return torch.zeros(3, self.image_size, self.image_size), index, False
+        return self.transform(image), index, True
+
+
+def _slice_of_rank(n: int) -> range:
+    r, w = rank(), world_size()
+    return range(r * n // w, (r + 1) * n // w)
+
+
+def _all_gather_rows(local: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Concatenate every rank's rows in rank order (ranks may hold different row counts)."""
+    if not is_distributed():
+        return local
+    local = local.to(device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([len(local)], device=device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[:len(local)] = local
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:int(s.item())] for g, s in zip(gathered, sizes)]).cpu()
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, images: LabelledImages, image_size: int = 224, batch_size: int = 128,
+                     num_workers: int = 0, device: torch.device | None = None, precision: str = "auto",
+                     desc: str = "features") -> FeatureSet:
+    """CLS and mean patch tokens (after the final norm) of every readable image, in pool order."""
+    patch_size = getattr(model, "patch_size", 1)
+    if image_size % patch_size:
+        raise ConfigError(f"eval.image_size = {image_size} is not a multiple of the backbone's patch size "
+                          f"{patch_size}; pick e.g. {image_size - image_size % patch_size or patch_size}")
+    if len(images) == 0:
+        raise DataError(f"the {desc} dataset is empty")
+    device = device or default_device()
+    dtype = autocast_dtype(device, precision)
+    model = model.to(device).eval()
+    dataset = _TransformedImages(images, _slice_of_rank(len(images)), eval_transform(image_size), image_size)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    cls_rows, patch_rows, kept = [], [], []
+    for batch, indices, valid in progress(loader, desc=desc, total=len(loader)):
+        batch = batch[valid].to(device, non_blocking=True)
+        if len(batch):
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = model.forward_features(batch)
+            cls_rows.append(out["x_norm_clstoken"].float())
+            patch_rows.append(out["x_norm_patchtokens"].float().mean(dim=1))
+        kept.append(indices[valid])
+    width = getattr(model, "embed_dim", None) or (cls_rows[0].shape[1] if cls_rows else 0)
+    empty = torch.zeros(0, width, device=device)
+    cls = _all_gather_rows(torch.cat(cls_rows) if cls_rows else empty, device).cpu()
+    patch_mean = _all_gather_rows(torch.cat(patch_rows) if patch_rows else empty, device).cpu()
+    index = _all_gather_rows(torch.cat(kept).to(device), device).cpu()
+    if len(index) == 0:
+        raise DataError(f"no image of the {desc} dataset could be read")
+    if len(index) < len(images):
+        log.warning("%s: %d of %d images could not be read and were left out", desc, len(images) - len(index),
+                    len(images))
+    labels = None if images.labels is None else torch.as_tensor(images.labels, dtype=torch.long)[index]
+    return FeatureSet(cls=cls, patch_mean=patch_mean, labels=labels, keys=[images.keys[i] for i in index.tolist()],
+                      class_names=images.class_names)

@@ -1,0 +1,61 @@
+import pytest
+
+from dinoscale.cli import main
+from dinoscale.config import load_config, reference_markdown
+from dinoscale.errors import ConfigError
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["optim.epochs=5", "crops.global_crops_scale=[0.4,1.0]", "curation.dedup.k=8"])
+    assert cfg.optim.epochs == 5
+    assert list(cfg.crops.global_crops_scale) == [0.4, 1.0]
+    assert cfg.curation.dedup.k == 8
+    assert cfg.dino.head_n_prototypes == 65536  # DINOv2 default untouched
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.epoch=3", "unknown config key 'optim.epoch' (from command line); did you mean 'optim.epochs'?"),
+    ("curation.dedup.thresh=0.5",
+     "unknown config key 'curation.dedup.thresh' (from command line); did you mean 'curation.dedup.threshold'?"),
+    ("optimx.lr=1", "unknown config key 'optimx' (from command line); did you mean 'optim'?"),
+    ("optim.epochs=abc", "config key 'optim.epochs' (from command line) got 'abc', which is not a valid int"),
+    ("train.centering=sinkhorn",
+     "config key 'train.centering' = 'sinkhorn' is not allowed; choose one of centering, sinkhorn_knopp "
+     "(did you mean 'sinkhorn_knopp'?)"),
+    ("optim.lr=-1", "config key 'optim.lr' = -1.0 is out of range; allowed: [0.0, inf]"),
+    ("teacher.momentum_teacher=1.5", "config key 'teacher.momentum_teacher' = 1.5 is out of range; allowed: [0.0, 1.0]"),
+])
+def test_config_errors_name_the_key(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == expected
+
+
+def test_yaml_file_with_typo_names_file_and_key(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("student:\n  arch: vit_small\n  patch_sise: 14\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'student.patch_sise' \(from mine.yaml\); "
+                                          r"did you mean 'student.patch_size'\?"):
+        load_config(str(path))
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(ConfigError, match="not of the form key.sub=value"):
+        load_config(None, ["optim.lr"])
+
+
+def test_cli_prints_one_line_and_exits_2(capsys, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  epochs: 2\n")
+    assert main(["config", "show", str(path), "optim.base_lr=0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 2" in out and "base_lr: 0.1" in out
+    assert main(["config", "show", str(path), "optim.bse_lr=0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["dinoscale: error: unknown config key 'optim.bse_lr' (from command line); did you mean 'optim.base_lr'?"]
+
+
+def test_reference_lists_every_knob():
+    table = reference_markdown()
+    for key in ("`student.n_storage_tokens`", "`gram.remove_neg`", "`curation.kmeans.n_clusters`", "`train.centering`"):
+        assert key in table
