@@ -1,0 +1,137 @@
+"""Deterministic, resumable streams of training batches over one or more image pools.
+
+The batch of step `t` on rank `r` is a pure function of (seed, t, r): which images (an
+epoch-wise shuffle of each source), how the sources mix, and every augmentation and mask.
+A run resumed at step t therefore sees exactly the data it would have seen, on any number
+of data-loader workers. Memory stays bounded: the shuffle permutes blocks of consecutive
+items and items inside a block, computed on demand, never a permutation of the whole pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dinoscale.data.augment import seeded_generator
+from dinoscale.data.pool import ImagePool
+from dinoscale.errors import DataError
+
+SHUFFLE_BLOCK = 4096
+
+
+class BlockShuffle:
+    """Position p of the endless stream -> item index: a fresh shuffle every epoch."""
+
+    def __init__(self, n_items: int, seed: int, block: int = SHUFFLE_BLOCK):
+        if n_items <= 0:
+            raise DataError("cannot stream from an empty pool")
+        self.n_items, self.seed, self.block = n_items, seed, block
+        self.n_blocks = -(-n_items // block)
+        self._block_order = lru_cache(maxsize=2)(self._block_order_uncached)
+        self._in_block = lru_cache(maxsize=64)(self._in_block_uncached)
+
+    def _block_order_uncached(self, epoch: int) -> np.ndarray:
+        # full blocks are shuffled; a short last block (if any) stays last so offsets are arithmetic
+        full = self.n_items // self.block
+        order = np.random.default_rng([self.seed, epoch, 0]).permutation(full)
+        return np.append(order, full) if full < self.n_blocks else order
+
+    def _in_block_uncached(self, epoch: int, block: int) -> np.ndarray:
+        size = min(self.block, self.n_items - block * self.block)
+        return np.random.default_rng([self.seed, epoch, 1, block]).permutation(size)
+
+    def __call__(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n_items)
+        slot, inner = divmod(offset, self.block)
+        block = int(self._block_order(epoch)[slot])
+        return block * self.block + int(self._in_block(epoch, block)[inner])
+
+
+@dataclass
+class Source:
+    pool: ImagePool
+    weight: float = 1.0
+
+
+def allocate(global_batch: int, weights: Sequence[float]) -> list[int]:
+    """Split a batch across sources in proportion to weights (largest remainder), fixed per step."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.sum() <= 0:
+        raise DataError("source weights must not all be zero")
+    exact = global_batch * w / w.sum()
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: global_batch - counts.sum()]:
+        counts[i] += 1
+    return counts.tolist()
+
+
+class BatchStream(IterableDataset):
+    """Endless batches for one rank starting at `start_step`; a worker takes every W-th step.
+
+    `make_sample(image, generator)` turns an image into a training sample (multi-crop);
+    `collate(samples, generator)` stacks them and draws the masks.
+    """
+
+    def __init__(self, sources: Sequence[Source], batch_size: int, rank: int, world_size: int, seed: int,
+                 start_step: int, make_sample: Callable[[Image.Image, torch.Generator], object],
+                 collate: Callable[[list, torch.Generator], dict], homogeneous_batch_fraction: float = 0.0):
+        self.sources = list(sources)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.start_step = seed, start_step
+        self.make_sample, self.collate = make_sample, collate
+        self.homogeneous_batch_fraction = homogeneous_batch_fraction
+        self.global_batch = batch_size * world_size
+        self.mixed_counts = allocate(self.global_batch, [s.weight for s in self.sources])
+        self.shuffles = [BlockShuffle(len(s.pool), seed + 7919 * i) for i, s in enumerate(self.sources)]
+        self.homogeneous_shuffles = [BlockShuffle(len(s.pool), seed + 7919 * i + 1) for i, s in enumerate(self.sources)]
+
+    def step_items(self, step: int) -> list[tuple[int, int]]:
+        """(source, item) for every sample of this rank at `step`."""
+        rng = np.random.default_rng([self.seed, step, 2])
+        if self.homogeneous_batch_fraction > 0 and rng.random() < self.homogeneous_batch_fraction:
+            weights = np.asarray([s.weight for s in self.sources], dtype=np.float64)
+            source = int(rng.choice(len(self.sources), p=weights / weights.sum()))
+            base = step * self.global_batch
+            stream = [(source, self.homogeneous_shuffles[source](base + j)) for j in range(self.global_batch)]
+        else:
+            stream = []
+            for source, count in enumerate(self.mixed_counts):
+                base = step * count
+                stream += [(source, self.shuffles[source](base + j)) for j in range(count)]
+            stream = [stream[j] for j in rng.permutation(len(stream))]  # sources mixed across ranks
+        return stream[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def _load(self, source: int, item: int) -> Image.Image:
+        pool = self.sources[source].pool
+        for attempt in range(len(pool)):
+            image = pool.load((item + attempt) % len(pool))  # a skipped image yields its successor
+            if image is not None:
+                return image
+        raise DataError(f"no readable image in source {source}")
+
+    def batch(self, step: int) -> dict:
+        generator = seeded_generator(self.seed, step, self.rank)
+        samples = [self.make_sample(self._load(src, item), generator) for src, item in self.step_items(step)]
+        out = self.collate(samples, generator)
+        out["step"] = step
+        return out
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        step = self.start_step + worker
+        while True:
+            yield self.batch(step)
+            step += n_workers
+
+
+def make_loader(stream: BatchStream, num_workers: int) -> DataLoader:
+    """Workers are visited round-robin, so batches come out in step order."""
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
+                      prefetch_factor=2 if num_workers > 0 else None)

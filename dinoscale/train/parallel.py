@@ -1,0 +1,102 @@
+"""How the SSL model is spread over ranks: FSDP2, activation checkpointing, compile.
+
+Kept apart from the model code (as torchtitan does): `parallelize` takes the plain modules and
+applies, per transformer block, activation checkpointing, `torch.compile` and `fully_shard`,
+then shards each backbone and head at its root. The EMA teacher and the Gram teacher are
+sharded the same way as the student, so the EMA update is a local operation on matching shards.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+# matmul and attention outputs are kept; norms, activations and the rest are recomputed
+_SAVED_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpointed_forward(original_forward, mode: str, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return original_forward(*args, **kwargs)
+    if mode == "selective":
+        context_fn = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+        return checkpoint(original_forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+    return checkpoint(original_forward, *args, use_reentrant=False, **kwargs)
+
+
+def apply_activation_checkpointing(blocks: Iterable[nn.Module], mode: str) -> None:
+    """Recompute each block in backward ("full") or all but its matmuls ("selective").
+
+    The block's forward is wrapped in place, so parameter names (and checkpoints) do not change.
+    """
+    if mode == "none":
+        return
+    for block in blocks:
+        block.forward = functools.partial(_checkpointed_forward, block.forward, mode)
+
+
+def apply_compile(blocks: Iterable[nn.Module]) -> None:
+    for block in blocks:
+        block.compile()
+
+
+def mixed_precision_policy(compute_dtype: torch.dtype) -> MixedPrecisionPolicy:
+    """bf16 parameters for compute and communication, fp32 gradient reduction; fp32 masters stay sharded."""
+    if compute_dtype == torch.float32:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+
+
+def shard_backbone(backbone: nn.Module, policy: MixedPrecisionPolicy) -> None:
+    blocks = list(backbone.blocks)
+    for block in blocks:
+        fully_shard(block, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(backbone, mp_policy=policy, reshard_after_forward=True)
+    # prefetch the next block's parameters while the current one computes
+    for current, following in zip(blocks, blocks[1:]):
+        current.set_modules_to_forward_prefetch([following])
+        following.set_modules_to_backward_prefetch([current])
+
+
+def parallelize(branches: Iterable[nn.ModuleDict], world_size: int, compute_dtype: torch.dtype,
+                activation_checkpointing: str = "none", compile_blocks: bool = False,
+                checkpointed: Iterable[nn.ModuleDict] = ()) -> None:
+    """Shard every branch (student, teacher, Gram teacher: ModuleDicts of backbone and heads).
+
+    Activation checkpointing applies to the `checkpointed` branches only (the student: the
+    teachers run without gradients). With one rank nothing is sharded.
+    """
+    checkpointed = list(checkpointed)
+    for branch in branches:
+        backbone = branch["backbone"]
+        if any(branch is c for c in checkpointed):
+            apply_activation_checkpointing(backbone.blocks, activation_checkpointing)
+        if compile_blocks:
+            apply_compile(backbone.blocks)
+        if world_size == 1:
+            continue
+        policy = mixed_precision_policy(compute_dtype)
+        shard_backbone(backbone, policy)
+        for name, module in branch.items():
+            if name != "backbone":
+                fully_shard(module, mp_policy=policy)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return isinstance(module, FSDPModule)
