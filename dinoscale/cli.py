@@ -42,6 +42,21 @@ def cmd_pool(args: argparse.Namespace) -> None:
     print(f"{type(pool).__name__} at {args.path}{labels}: {summary}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from dinoscale.config import load_config
+    from dinoscale.train.trainer import train
+
+    exported = train(load_config(args.config, args.overrides))
+    if exported is not None:
+        print(f"teacher backbone exported to {exported}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from dinoscale.train.export import export_run
+
+    print(f"wrote {export_run(args.run_dir, args.out)}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from dinoscale.demo import run_demo
 
@@ -61,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="image folder, .txt list of paths, or folder of tar shards")
     p.add_argument("--scan", action="store_true", help="decode every image and count skips")
     p.set_defaults(handler=cmd_pool)
+
+    p = sub.add_parser("train", help="SSL training, alone or under torchrun (resumes from the run's last checkpoint)")
+    _add_config_args(p)
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("export", help="write a run's teacher backbone as a plain official-layout state dict")
+    p.add_argument("run_dir", help="training run directory")
+    p.add_argument("out", help="output .pth file (loadable with dinoscale.models.load_backbone)")
+    p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic pool")
     p.add_argument("--out", default="demo_out", help="output folder (re-running skips finished stages)")

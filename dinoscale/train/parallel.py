@@ -13,6 +13,7 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
@@ -63,18 +64,18 @@ def mixed_precision_policy(compute_dtype: torch.dtype) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
 
 
-def shard_backbone(backbone: nn.Module, policy: MixedPrecisionPolicy) -> None:
+def shard_backbone(backbone: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
     blocks = list(backbone.blocks)
     for block in blocks:
-        fully_shard(block, mp_policy=policy, reshard_after_forward=True)
-    fully_shard(backbone, mp_policy=policy, reshard_after_forward=True)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(backbone, mesh=mesh, mp_policy=policy)
     # prefetch the next block's parameters while the current one computes
     for current, following in zip(blocks, blocks[1:]):
         current.set_modules_to_forward_prefetch([following])
         following.set_modules_to_backward_prefetch([current])
 
 
-def parallelize(branches: Iterable[nn.ModuleDict], world_size: int, compute_dtype: torch.dtype,
+def parallelize(branches: Iterable[nn.ModuleDict], device: torch.device, world_size: int, compute_dtype: torch.dtype,
                 activation_checkpointing: str = "none", compile_blocks: bool = False,
                 checkpointed: Iterable[nn.ModuleDict] = ()) -> None:
     """Shard every branch (student, teacher, Gram teacher: ModuleDicts of backbone and heads).
@@ -83,6 +84,8 @@ def parallelize(branches: Iterable[nn.ModuleDict], world_size: int, compute_dtyp
     teachers run without gradients). With one rank nothing is sharded.
     """
     checkpointed = list(checkpointed)
+    mesh = init_device_mesh(device.type, (world_size,)) if world_size > 1 else None
+    policy = mixed_precision_policy(compute_dtype)
     for branch in branches:
         backbone = branch["backbone"]
         if any(branch is c for c in checkpointed):
@@ -91,11 +94,10 @@ def parallelize(branches: Iterable[nn.ModuleDict], world_size: int, compute_dtyp
             apply_compile(backbone.blocks)
         if world_size == 1:
             continue
-        policy = mixed_precision_policy(compute_dtype)
-        shard_backbone(backbone, policy)
+        shard_backbone(backbone, mesh, policy)
         for name, module in branch.items():
             if name != "backbone":
-                fully_shard(module, mp_policy=policy)
+                fully_shard(module, mesh=mesh, mp_policy=policy)
 
 
 def is_sharded(module: nn.Module) -> bool:

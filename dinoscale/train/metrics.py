@@ -1,0 +1,85 @@
+"""Training metrics: JSONL lines (rank 0), TensorBoard when installed, and FLOP accounting for MFU."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to RUN/metrics.jsonl (flushed, so a kill loses nothing)."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._writer = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self._writer = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self._writer is not None:
+            step = record.get("iteration", 0)
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "iteration":
+                    self._writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def backbone_forward_flops(backbone: nn.Module, n_images: int, n_tokens: int) -> float:
+    """Matmul FLOPs of one forward: 2 x (block weights) per token plus attention (QK^T and AV)."""
+    block_weights = sum(p.numel() for n, p in backbone.blocks.named_parameters() if p.dim() == 2)
+    depth, dim = len(backbone.blocks), backbone.embed_dim
+    linear = 2 * block_weights * n_tokens
+    attention = depth * 2 * 2 * n_tokens * n_tokens * dim
+    return float(n_images * (linear + attention))
+
+
+def head_forward_flops(head: nn.Module, n_rows: int) -> float:
+    return float(2 * n_rows * sum(p.numel() for p in head.parameters() if p.dim() == 2))
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 1.0) -> float:
+    """Achievable matmul FLOP/s of this device in `dtype` (the MFU denominator)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return 2 * size**3 * count / (time.perf_counter() - start)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,249 @@
+"""The scalable trainer: `dinoscale train CONFIG [overrides]`, alone, under torchrun or on SLURM.
+
+One loop for every scale: FSDP2 shards the student, the EMA teacher and the Gram teacher when
+there is more than one rank; bf16 compute with fp32 master weights where the hardware has it;
+a deterministic batch stream; DCP checkpoints every N iterations and on SIGTERM/SIGUSR2; JSONL
+metrics with images/s and MFU; a NaN/inf guard that names the term and keeps the last good
+checkpoint; and the teacher backbone exported at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from dinoscale.data.augment import MultiCropAugmentation, derive_seed
+from dinoscale.data.collate import collate_data_and_cast
+from dinoscale.data.pool import open_pool
+from dinoscale.data.stream import BatchStream, Source, make_loader
+from dinoscale.errors import ConfigError, DinoscaleError
+from dinoscale.eval.features import autocast_dtype
+from dinoscale.models.loading import load_backbone, save_backbone
+from dinoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dinoscale.train.distributed import DistInfo, init_distributed
+from dinoscale.train.metrics import (MetricsLogger, backbone_forward_flops, head_forward_flops, measure_matmul_peak,
+                                     peak_memory_mb)
+from dinoscale.train.optim import apply_schedules, build_optimizer, clip_gradients
+from dinoscale.train.parallel import parallelize
+from dinoscale.train.simple_loop import build_mask_generator
+from dinoscale.train.ssl import SSLMetaArch
+from dinoscale.utils.io import write_text
+from dinoscale.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+EXPORT_NAME = "export/teacher.pth"
+_MODEL_RNG_KEY = 3
+
+
+class NonFiniteLossError(DinoscaleError):
+    """A loss term became NaN or inf."""
+
+
+class StopFlag:
+    """Set by SIGTERM or SIGUSR2. The loop checkpoints after the current step, then hands the
+    signal to the handler that was installed before (submitit's requeue, under SLURM)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR2):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    def forward(self) -> None:
+        """Call the previous handler of the received signal, if there was one."""
+        previous = self._previous.get(self.signal)
+        if callable(previous):
+            previous(self.signal, None)
+
+
+def _all_ranks_agree(*flags: bool) -> list[bool]:
+    """Any rank's flag for every rank (a rank that stops alone would hang the others)."""
+    if not dist.is_initialized():
+        return list(flags)
+    tensor = torch.tensor([float(f) for f in flags])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def _mean_across_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    if not dist.is_initialized():
+        return metrics
+    names = sorted(metrics)
+    values = torch.tensor([metrics[n] for n in names], dtype=torch.float64)
+    dist.all_reduce(values)
+    return dict(zip(names, (values / dist.get_world_size()).tolist()))
+
+
+def training_sources(cfg: DictConfig) -> list[Source]:
+    if cfg.train.sources:
+        return [Source(open_pool(s.path), s.weight) for s in cfg.train.sources]
+    if not cfg.train.dataset_path:
+        raise ConfigError("no training data: set train.dataset_path (or train.sources)")
+    return [Source(open_pool(cfg.train.dataset_path))]
+
+
+def build_stream(cfg: DictConfig, dist_info: DistInfo, start_step: int) -> BatchStream:
+    augment = MultiCropAugmentation.from_config(cfg)
+    mask_generator = build_mask_generator(cfg)
+
+    def collate(samples: list, generator: torch.Generator) -> dict:
+        return collate_data_and_cast(samples, cfg.ibot.mask_ratio_min_max, cfg.ibot.mask_sample_probability,
+                                     mask_generator, generator)
+
+    return BatchStream(training_sources(cfg), cfg.train.batch_size_per_gpu, dist_info.rank, dist_info.world_size,
+                       cfg.seed, start_step, augment, collate, cfg.train.homogeneous_batch_fraction)
+
+
+def total_iterations(cfg: DictConfig) -> int:
+    full = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
+    return min(full, cfg.train.max_iterations) if cfg.train.max_iterations else full
+
+
+def step_flops(model: SSLMetaArch, batch: dict) -> float:
+    """Matmul FLOPs of one training step on this rank: student forward+backward (3x forward) on
+    all crops, teacher (and Gram teacher) forward on the global crops."""
+    backbone = model.student.backbone
+    patch = backbone.patch_size
+    extra_tokens = 1 + backbone.n_storage_tokens
+
+    def crops_flops(crops: torch.Tensor) -> float:
+        if crops.numel() == 0:
+            return 0.0
+        tokens = (crops.shape[-2] // patch) * (crops.shape[-1] // patch) + extra_tokens
+        return backbone_forward_flops(backbone, crops.shape[0], tokens)
+
+    global_crops, local_crops = batch["collated_global_crops"], batch["collated_local_crops"]
+    n_cls = global_crops.shape[0] + local_crops.shape[0]
+    n_masked = int(batch["mask_indices_list"].numel())
+    student = crops_flops(global_crops) + crops_flops(local_crops)
+    student += sum(head_forward_flops(m, n_cls if n == "dino_head" else n_masked)
+                   for n, m in model.student.items() if n != "backbone")
+    teacher = crops_flops(global_crops) + head_forward_flops(model.teacher.dino_head, global_crops.shape[0])
+    if model.gram_teacher is not None:
+        teacher += crops_flops(batch.get("collated_gram_teacher_crops", global_crops))
+    return 3 * student + teacher
+
+
+def _non_finite_terms(metrics: dict[str, float]) -> list[str]:
+    return [name for name, value in metrics.items() if name.endswith("loss") and not math.isfinite(value)]
+
+
+def _raise_non_finite(terms: list[str], iteration: int, run_dir: Path) -> None:
+    last = latest_checkpoint(run_dir)
+    keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    raise NonFiniteLossError(f"{', '.join(terms) or 'a loss term on another rank'} became non-finite at iteration "
+                             f"{iteration}; {keep}. Lower optim.base_lr, raise optim.warmup_epochs or check the data.")
+
+
+def _load_pretrained(model: SSLMetaArch, path: str) -> None:
+    """Continued pretraining: official DINOv2/DINOv3 (or exported) backbone weights, fresh heads."""
+    pretrained = load_backbone(path, arch=model.student.backbone.spec)
+    for branch in (model.student, model.teacher, model.gram_teacher):
+        if branch is not None:
+            branch.backbone.load_state_dict(pretrained.state_dict(), strict=True)
+    log.info("initialised student and teachers from %s", path)
+
+
+def export_teacher(model: SSLMetaArch, path: Path, is_main: bool) -> None:
+    """Gather the teacher backbone (a collective under FSDP) and write it in the official layout."""
+    full = get_model_state_dict(model.teacher.backbone, options=StateDictOptions(full_state_dict=True,
+                                                                                  cpu_offload=True))
+    if is_main:
+        save_backbone(model.teacher.backbone, path, state_dict=full)
+
+
+def train(cfg: DictConfig) -> Path | None:
+    """Train (or resume) the run in cfg.train.output_dir; returns the exported teacher's path,
+    or None when a signal stopped the run before the end (after writing a checkpoint)."""
+    dist_info = init_distributed()
+    run_dir = Path(cfg.train.output_dir)
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    torch.manual_seed(cfg.seed)
+    compute_dtype = autocast_dtype(dist_info.device, cfg.train.mixed_precision)
+    global_batch = cfg.train.batch_size_per_gpu * dist_info.world_size
+    model = SSLMetaArch(cfg, global_batch).to(dist_info.device)
+    if cfg.student.pretrained_weights:
+        _load_pretrained(model, cfg.student.pretrained_weights)
+    branches = [b for b in (model.student, model.teacher, model.gram_teacher) if b is not None]
+    parallelize(branches, dist_info.device, dist_info.world_size, compute_dtype or torch.float32,
+                cfg.train.activation_checkpointing, cfg.train.compile, checkpointed=[model.student])
+    optimizer = build_optimizer(model.student, cfg)
+
+    start = 0
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        meta = load_checkpoint(checkpoint, model, optimizer)
+        start = meta["iteration"] + 1
+        log.info("resumed from %s at iteration %d", checkpoint, start)
+
+    n_iterations = total_iterations(cfg)
+    stop = StopFlag()
+    stop.install()
+    metrics_log = MetricsLogger(run_dir, enabled=dist_info.is_main)
+    peak_flops = measure_matmul_peak(dist_info.device, compute_dtype or torch.float32, seconds=0.5)
+    batches = iter(make_loader(build_stream(cfg, dist_info, start), cfg.train.num_workers))
+    autocast = torch.autocast(dist_info.device.type, dtype=compute_dtype or torch.bfloat16,
+                              enabled=compute_dtype is not None)
+
+    iteration = start - 1
+    for iteration in range(start, n_iterations):
+        step_start = time.perf_counter()
+        batch = next(batches)
+        scheduled = apply_schedules(optimizer, model.schedules, iteration)
+        optimizer.zero_grad(set_to_none=True)
+        torch.manual_seed(derive_seed(cfg.seed, _MODEL_RNG_KEY, iteration, dist_info.rank))  # drop path
+        with autocast:
+            _, metrics = model.forward_backward(batch, iteration)
+        bad_terms = _non_finite_terms(metrics)
+        stopping, non_finite = _all_ranks_agree(bool(stop), bool(bad_terms))
+        if non_finite:
+            _raise_non_finite(bad_terms, iteration, run_dir)
+        norms = clip_gradients(model.student, cfg.optim.clip_grad)
+        optimizer.step()
+        momentum = model.schedules.teacher_momentum(iteration)
+        model.update_teacher(momentum)
+
+        seconds = time.perf_counter() - step_start
+        metrics = _mean_across_ranks(metrics)
+        metrics.update(scheduled, iteration=iteration, teacher_momentum=momentum, seconds=seconds,
+                       images_per_s=global_batch / seconds,
+                       mfu=step_flops(model, batch) / seconds / peak_flops,
+                       peak_memory_mb=peak_memory_mb(dist_info.device),
+                       **{f"grad_norm_{name}": value for name, value in norms.items()})
+        metrics_log.log(metrics)
+        if iteration % cfg.train.log_period_iterations == 0:
+            log.info("it %d/%d loss %.4f  %.1f img/s  mfu %.1f%%", iteration, n_iterations, metrics["total_loss"],
+                     metrics["images_per_s"], 100 * metrics["mfu"])
+
+        last = iteration == n_iterations - 1
+        if stopping or last or (iteration + 1) % cfg.train.checkpoint_period_iterations == 0:
+            save_checkpoint(run_dir, iteration, model, optimizer, {"global_batch": global_batch},
+                            cfg.train.keep_last_checkpoints)
+        if stopping:
+            log.info("stop requested: checkpoint at iteration %d written", iteration)
+            metrics_log.close()
+            stop.forward()
+            return None
+
+    metrics_log.close()
+    export_teacher(model, run_dir / EXPORT_NAME, dist_info.is_main)
+    return run_dir / EXPORT_NAME
