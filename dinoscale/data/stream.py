@@ -75,7 +75,8 @@ class BatchStream(IterableDataset):
     """Endless batches for one rank starting at `start_step`; a worker takes every W-th step.
 
     `make_sample(image, generator)` turns an image into a training sample (multi-crop);
-    `collate(samples, generator)` stacks them and draws the masks.
+    `collate(samples, generator)` stacks them and draws the masks (the generator is seeded alike
+    on every rank: it plans for the global batch).
     """
 
     def __init__(self, sources: Sequence[Source], batch_size: int, rank: int, world_size: int, seed: int,
@@ -91,8 +92,8 @@ class BatchStream(IterableDataset):
         self.shuffles = [BlockShuffle(len(s.pool), seed + 7919 * i) for i, s in enumerate(self.sources)]
         self.homogeneous_shuffles = [BlockShuffle(len(s.pool), seed + 7919 * i + 1) for i, s in enumerate(self.sources)]
 
-    def step_items(self, step: int) -> list[tuple[int, int]]:
-        """(source, item) for every sample of this rank at `step`."""
+    def step_items(self, step: int) -> list[tuple[int, int, int]]:
+        """(source, item, position in the global batch) for every sample of this rank at `step`."""
         rng = np.random.default_rng([self.seed, step, 2])
         if self.homogeneous_batch_fraction > 0 and rng.random() < self.homogeneous_batch_fraction:
             weights = np.asarray([s.weight for s in self.sources], dtype=np.float64)
@@ -105,7 +106,8 @@ class BatchStream(IterableDataset):
                 base = step * count
                 stream += [(source, self.shuffles[source](base + j)) for j in range(count)]
             stream = [stream[j] for j in rng.permutation(len(stream))]  # sources mixed across ranks
-        return stream[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        first = self.rank * self.batch_size
+        return [(*stream[j], j) for j in range(first, first + self.batch_size)]
 
     def _load(self, source: int, item: int) -> Image.Image:
         pool = self.sources[source].pool
@@ -116,9 +118,11 @@ class BatchStream(IterableDataset):
         raise DataError(f"no readable image in source {source}")
 
     def batch(self, step: int) -> dict:
-        generator = seeded_generator(self.seed, step, self.rank)
-        samples = [self.make_sample(self._load(src, item), generator) for src, item in self.step_items(step)]
-        out = self.collate(samples, generator)
+        """Every random draw is keyed by the step and the sample's global position, so the
+        global batch is the same whatever the number of ranks."""
+        samples = [self.make_sample(self._load(source, item), seeded_generator(self.seed, step, 1, position))
+                   for source, item, position in self.step_items(step)]
+        out = self.collate(samples, seeded_generator(self.seed, step, 2))
         out["step"] = step
         return out
 

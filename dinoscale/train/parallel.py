@@ -80,8 +80,9 @@ def parallelize(branches: Iterable[nn.ModuleDict], device: torch.device, world_s
                 checkpointed: Iterable[nn.ModuleDict] = ()) -> None:
     """Shard every branch (student, teacher, Gram teacher: ModuleDicts of backbone and heads).
 
-    Activation checkpointing applies to the `checkpointed` branches only (the student: the
-    teachers run without gradients). With one rank nothing is sharded.
+    `checkpointed` names the branches that run a backward (the student): they get activation
+    checkpointing; the others (teachers) reshard right after forward. With one rank nothing is
+    sharded.
     """
     checkpointed = list(checkpointed)
     mesh = init_device_mesh(device.type, (world_size,)) if world_size > 1 else None
@@ -98,6 +99,11 @@ def parallelize(branches: Iterable[nn.ModuleDict], device: torch.device, world_s
         for name, module in branch.items():
             if name != "backbone":
                 fully_shard(module, mesh=mesh, mp_policy=policy)
+        if not any(branch is c for c in checkpointed):
+            for module in branch.values():
+                # a root FSDP module stays gathered after forward (it expects a backward); the
+                # teachers never run one, so they reshard at once (and the EMA sees shards)
+                module.register_forward_hook(lambda mod, args, out: mod.reshard())
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -105,7 +105,8 @@ def build_stream(cfg: DictConfig, dist_info: DistInfo, start_step: int) -> Batch
 
     def collate(samples: list, generator: torch.Generator) -> dict:
         return collate_data_and_cast(samples, cfg.ibot.mask_ratio_min_max, cfg.ibot.mask_sample_probability,
-                                     mask_generator, generator)
+                                     mask_generator, generator, rank=dist_info.rank,
+                                     world_size=dist_info.world_size)
 
     return BatchStream(training_sources(cfg), cfg.train.batch_size_per_gpu, dist_info.rank, dist_info.world_size,
                        cfg.seed, start_step, augment, collate, cfg.train.homogeneous_batch_fraction)

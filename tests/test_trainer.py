@@ -1,0 +1,204 @@
+"""The scalable trainer: 2 real processes under torchrun (gloo) against one process, resume,
+signals, activation checkpointing, bf16, export and continued pretraining."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dinoscale.config import load_config
+from dinoscale.data.synthetic import SyntheticSpec, make_synthetic_pool
+from dinoscale.models import build_backbone, load_backbone
+from dinoscale.train.checkpoint import checkpoint_dirs
+from dinoscale.train.export import export_run
+from dinoscale.train.metrics import read_metrics
+from dinoscale.train.parallel import apply_activation_checkpointing
+from dinoscale.train.ssl import SSLMetaArch
+from dinoscale.train.trainer import build_stream, train
+from dinoscale.train.distributed import DistInfo
+
+# LayerScale 1 and no drop path: at init the CLS features then differ between images, which keeps
+# KoLeo well conditioned; Gram at image level is the same for any split of the batch.
+TINY = {
+    "student": {"arch": "vit_small", "embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 4, "img_size": 16,
+                "drop_path_rate": 0.0, "layerscale": 1.0},
+    "dino": {"head_n_prototypes": 64, "head_hidden_dim": 64, "head_bottleneck_dim": 32, "koleo_loss_distributed": True},
+    "ibot": {"head_n_prototypes": 64, "head_hidden_dim": 64, "head_bottleneck_dim": 32},
+    "gram": {"use_loss": True, "it_first_update": 3, "update_frequency": 2, "img_level": True},
+    "crops": {"global_crops_size": 16, "local_crops_size": 8, "local_crops_number": 2},
+    "optim": {"epochs": 1, "warmup_epochs": 0.2, "base_lr": 0.001},
+    "teacher": {"warmup_teacher_temp_epochs": 0.2},
+    "train": {"batch_size_per_gpu": 4, "OFFICIAL_EPOCH_LENGTH": 6, "num_workers": 0, "checkpoint_period_iterations": 3,
+              "mixed_precision": "fp32", "log_period_iterations": 1},
+}
+LOSS_TERMS = ("dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss", "koleo_loss", "gram_loss", "total_loss")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    make_synthetic_pool(root / "data", SyntheticSpec(n_images=60, image_size=24, eval_per_class=1, n_corrupt=2))
+    (root / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    return root
+
+
+def _overrides(workdir, run, *extra):
+    return [f"train.dataset_path={workdir / 'data' / 'pool'}", f"train.output_dir={workdir / run}", *extra]
+
+
+def _cli(workdir, run, *extra, nproc=1, wait=True):
+    command = [sys.executable, "-m", "dinoscale.cli", "train", str(workdir / "tiny.yaml"), *_overrides(workdir, run, *extra)]
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   *command[1:]]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _losses(run_dir):
+    return {m["iteration"]: m for m in read_metrics(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def single_run(workdir):
+    _cli(workdir, "single")
+    return workdir / "single"
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(workdir):
+    _cli(workdir, "two_ranks", "train.batch_size_per_gpu=2", nproc=2)
+    return workdir / "two_ranks"
+
+
+def _assert_same_losses(a, b, iterations, tol=1e-5):
+    for it in iterations:
+        for term in LOSS_TERMS:
+            if term in a[it]:
+                assert abs(a[it][term] - b[it][term]) < tol, (it, term, a[it][term], b[it][term])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_match_one_process_on_the_same_global_batch(single_run, two_rank_run):
+    single, double = _losses(single_run), _losses(two_rank_run)
+    assert sorted(single) == sorted(double) == list(range(6))
+    assert "gram_loss" in single[5] and "koleo_loss" in single[5] and "ibot_loss" in single[5]
+    _assert_same_losses(single, double, range(6))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_checkpoint_of_two_ranks_resumes_in_one_process(workdir, two_rank_run):
+    resumed = workdir / "resumed_from_two"
+    resumed.mkdir()
+    # continue the 2-rank run's checkpoint of iteration 2 in a single process
+    source = two_rank_run / "checkpoints" / "step_0000002"
+    (resumed / "checkpoints").mkdir()
+    subprocess.run(["cp", "-r", str(source), str(resumed / "checkpoints")], check=True)
+    done = _cli(workdir, "resumed_from_two", "train.batch_size_per_gpu=4")
+    assert "resumed from" in done.stderr
+    _assert_same_losses(_losses(two_rank_run), _losses(resumed), range(3, 6))
+
+
+def _wait_for_iteration(run_dir, iteration, process, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if max(_losses(run_dir), default=-1) >= iteration:
+            return
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        time.sleep(0.02)
+    raise TimeoutError(f"iteration {iteration} not reached")
+
+
+@pytest.mark.slow
+def test_sigkill_between_checkpoints_then_resume_ends_with_the_same_weights(workdir, single_run):
+    run = workdir / "killed"
+    process = _cli(workdir, "killed", "train.checkpoint_period_iterations=2", wait=False)
+    _wait_for_iteration(run, 2, process)  # checkpoint at 1 exists, 2 is past it
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert [p.name for p in checkpoint_dirs(run)][-1] in ("step_0000001", "step_0000003")
+    done = _cli(workdir, "killed", "train.checkpoint_period_iterations=2")
+    assert "resumed from" in done.stderr
+    a = torch.load(run / "export" / "teacher.pth", weights_only=True)["model"]
+    b = torch.load(single_run / "export" / "teacher.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
+def test_signal_writes_a_complete_checkpoint_before_exit(workdir, sig):
+    run = workdir / f"signalled_{sig.name}"
+    process = _cli(workdir, run.name, "train.checkpoint_period_iterations=100", "optim.epochs=50", wait=False)
+    _wait_for_iteration(run, 1, process)
+    process.send_signal(sig)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    assert "stop requested" in output
+    (checkpoint,) = checkpoint_dirs(run)
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    assert checkpoint.name == f"step_{meta['iteration']:07d}" and (checkpoint / ".metadata").exists()
+    assert meta["iteration"] < 299 and not list((run / "checkpoints").glob(".tmp*"))
+
+
+def _one_batch(cfg):
+    return build_stream(cfg, DistInfo(0, 1, 0, torch.device("cpu")), start_step=0).batch(0)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_gives_the_same_gradients(workdir, mode):
+    cfg = load_config(str(workdir / "tiny.yaml"), _overrides(workdir, "unused"))
+    batch = _one_batch(cfg)
+    grads = []
+    for checkpointing in ("none", mode):
+        torch.manual_seed(0)
+        model = SSLMetaArch(cfg, 4)
+        apply_activation_checkpointing(model.student.backbone.blocks, checkpointing)
+        model.forward_backward(batch, iteration=0)
+        grads.append({n: p.grad.clone() for n, p in model.student.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_mixed_precision_trains(workdir):
+    cfg = load_config(str(workdir / "tiny.yaml"),
+                      _overrides(workdir, "bf16", "train.mixed_precision=bf16", "train.max_iterations=4"))
+    exported = train(cfg)
+    losses = _losses(workdir / "bf16")
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(m["total_loss"])) for m in losses.values())
+    assert load_backbone(exported).embed_dim == 32
+
+
+def test_export_and_load_backbone_give_identical_features(workdir, single_run):
+    exported = load_backbone(single_run / "export" / "teacher.pth").eval()
+    re_exported = load_backbone(export_run(single_run, workdir / "re_export.pth")).eval()
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(images), re_exported(images), rtol=0, atol=0)
+
+
+def test_continued_pretraining_from_an_official_layout_file(workdir):
+    cfg = load_config(str(workdir / "tiny.yaml"), _overrides(workdir, "continued"))
+    torch.manual_seed(123)
+    official = build_backbone(cfg.student).state_dict()  # our parameter names are the official key layout
+    weights = workdir / "official_layout.pth"
+    torch.save(official, weights)  # a bare state dict, as the official releases ship
+    cfg = load_config(str(workdir / "tiny.yaml"), _overrides(workdir, "continued", f"student.pretrained_weights={weights}",
+                                                                 "train.max_iterations=1"))
+    exported = torch.load(train(cfg), weights_only=True)["model"]
+    # iteration 0 has learning rate 0 (warm-up starts at 0), so the teacher still holds the file's weights
+    for key, value in official.items():
+        torch.testing.assert_close(exported[key], value)
