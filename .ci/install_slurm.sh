@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Install the system packages the SLURM tests need: a local slurmctld/slurmd with munge
-# authentication and slurmdbd accounting on a private MariaDB (Debian slurm-wlm).
-# Run as root (or with sudo available). The test fixture starts and stops the daemons itself;
-# this script only installs them and keeps the packages' own services from starting.
+# Install the system packages the SLURM tests need: slurmctld/slurmd with munge authentication and
+# slurmdbd accounting on MariaDB (Debian's slurm-wlm). Run as root, or as a user with sudo.
+# The tests' fixture (tests/slurm_cluster.py) starts private daemons itself — its own munge key and
+# socket, database, ports and spool — so nothing is configured or started here.
 set -euo pipefail
 
 SUDO=""
@@ -15,15 +15,8 @@ $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends \
     munge slurmctld slurmd slurm-client slurmdbd mariadb-server
 
-# munged refuses to start unless its run directory belongs to the munge user.
-$SUDO install -d -o munge -g munge -m 755 /run/munge
-if [ ! -s /etc/munge/munge.key ]; then
-    $SUDO mungekey --create --keyfile /etc/munge/munge.key
-    $SUDO chown munge:munge /etc/munge/munge.key
-    $SUDO chmod 400 /etc/munge/munge.key
-fi
-
-for binary in sinfo sbatch sacct slurmctld slurmd slurmdbd munged mariadbd mariadb-install-db; do
+for binary in munged mariadbd mariadb-install-db slurmdbd slurmctld slurmd sinfo sbatch srun sacct sacctmgr \
+              scontrol scancel squeue; do
     command -v "$binary" >/dev/null || { echo "install_slurm.sh: $binary missing after install" >&2; exit 1; }
 done
-echo "install_slurm.sh: $(slurmctld -V) and MariaDB $(mariadbd --version | awk "{print \$3}") installed"
+echo "install_slurm.sh: $(slurmctld -V) and MariaDB $(mariadbd --version | awk '{print $3}') installed"

@@ -40,7 +40,7 @@ def slurm_port(job_id: str) -> int:
 
 def env_from_slurm() -> dict[str, str]:
     """torch.distributed's environment variables from a SLURM task's own variables."""
-    job_id = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", "0"))
+    job_id = os.environ.get("SLURM_JOB_ID", "0")  # unique per array task too, so co-located tasks differ
     return {
         "RANK": os.environ["SLURM_PROCID"],
         "WORLD_SIZE": os.environ.get("SLURM_NTASKS", "1"),
