@@ -45,12 +45,12 @@ def _config(pool: str, batch: int, steps: int, checkpointing: str, out: str):
 
 
 def worker_dinoscale(pool: str, batch: int, steps: int, checkpointing: str) -> dict:
-    from dinoscale.train.metrics import read_metrics
+    from dinoscale.eval.report import read_metrics
     from dinoscale.train.trainer import train
 
     with tempfile.TemporaryDirectory() as out:
         train(_config(pool, batch, steps, checkpointing, out))
-        metrics = read_metrics(out)
+        metrics = read_metrics(Path(out) / "metrics.jsonl")
     timed = metrics[2:]  # the first steps include warm-up and worker start
     return {"images_per_s": sum(m["images_per_s"] for m in timed) / len(timed),
             "mfu": sum(m["mfu"] for m in timed) / len(timed)}

@@ -42,6 +42,12 @@ def cmd_pool(args: argparse.Namespace) -> None:
     print(f"{type(pool).__name__} at {args.path}{labels}: {summary}")
 
 
+def cmd_models(args: argparse.Namespace) -> None:
+    from dinoscale.models import describe_presets, format_presets_table
+
+    print(format_presets_table(describe_presets()))
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from dinoscale.config import load_config
     from dinoscale.train.trainer import train
@@ -77,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan", action="store_true", help="decode every image and count skips")
     p.set_defaults(handler=cmd_pool)
 
+    p = sub.add_parser("models", help="list backbone presets with parameter counts and GFLOPs per image")
+    p.set_defaults(handler=cmd_models)
+
     p = sub.add_parser("train", help="SSL training, alone or under torchrun (resumes from the run's last checkpoint)")
     _add_config_args(p)
     p.set_defaults(handler=cmd_train)
@@ -85,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="training run directory")
     p.add_argument("out", help="output .pth file (loadable with dinoscale.models.load_backbone)")
     p.set_defaults(handler=cmd_export)
+
+    from dinoscale.eval.cli import add_eval_commands
+
+    add_eval_commands(sub.add_parser("eval", help="k-NN, linear probe, pictures and reports"))
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic pool")
     p.add_argument("--out", default="demo_out", help="output folder (re-running skips finished stages)")

@@ -39,35 +39,51 @@ def knob(default: Any, help: str, *, choices: Sequence[Any] | None = None, min: 
 # ----------------------------------------------------------------------------- model
 @dataclass
 class StudentConfig:
+    """The backbone. `arch` names a preset; a field left null takes the preset's value (see dinoscale/models/presets.py)."""
+
     arch: str = knob("vit_small", "backbone preset (see `dinoscale models`)")
     patch_size: int = knob(16, "patch size in pixels", min=1)
     img_size: int = knob(224, "native resolution the position embedding is made for", min=1)
     embed_dim: Optional[int] = knob(None, "override the preset's width", min=1)
     depth: Optional[int] = knob(None, "override the preset's number of blocks", min=1)
     num_heads: Optional[int] = knob(None, "override the preset's number of attention heads", min=1)
-    ffn_layer: str = knob("mlp", "feed-forward block", choices=["mlp", "swiglu", "swiglu32", "swiglu64", "swiglu128"])
-    ffn_ratio: float = knob(4.0, "hidden width of the feed-forward block / embed_dim", min=0.0)
-    n_storage_tokens: int = knob(0, "register tokens (DINOv2 `num_register_tokens`)", min=0)
-    pos_embed_type: str = knob("learned", "absolute learned embedding (DINOv2) or 2-D axial RoPE (DINOv3)",
-                               choices=["learned", "rope"])
+    ffn_layer: Optional[str] = knob(None, "feed-forward block (null: the preset's)",
+                                    choices=["mlp", "swiglu", "swiglu32", "swiglu64", "swiglu128"])
+    ffn_ratio: Optional[float] = knob(None, "hidden width of the feed-forward block / embed_dim (null: the preset's)",
+                                      min=0.0)
+    n_storage_tokens: Optional[int] = knob(None, "register tokens, DINOv2 `num_register_tokens` (null: the preset's)",
+                                           min=0)
+    pos_embed_type: Optional[str] = knob(None, "absolute learned embedding (DINOv2) or 2-D axial RoPE (DINOv3); "
+                                               "null: the preset's", choices=["learned", "rope"])
     pos_embed_rope_base: float = knob(100.0, "RoPE period base", min=0.0)
     pos_embed_rope_min_period: Optional[float] = knob(None, "RoPE minimum period (instead of base)")
     pos_embed_rope_max_period: Optional[float] = knob(None, "RoPE maximum period (instead of base)")
     pos_embed_rope_normalize_coords: str = knob("separate", "how patch coordinates are normalised to [-1, 1]",
                                                 choices=["min", "max", "separate"])
-    pos_embed_rope_shift_coords: Optional[float] = knob(None, "training-time random shift of RoPE coordinates")
-    pos_embed_rope_jitter_coords: Optional[float] = knob(None, "training-time random log-scale jitter per axis")
-    pos_embed_rope_rescale_coords: Optional[float] = knob(None, "training-time random log-scale rescale")
-    interpolate_offset: float = knob(0.1, "offset of the bicubic position-embedding interpolation (DINOv2)")
-    interpolate_antialias: bool = knob(False, "antialias when interpolating the position embedding")
-    norm_layer: str = knob("layernorm", "normalisation layer", choices=["layernorm", "rmsnorm"])
-    layerscale: Optional[float] = knob(1.0e-5, "LayerScale init value (null disables)")
+    pos_embed_rope_shift_coords: Optional[float] = knob(None, "training-time random shift of RoPE coordinates "
+                                                              "(null: the preset's; 0 disables)")
+    pos_embed_rope_jitter_coords: Optional[float] = knob(None, "training-time random log-scale jitter per axis "
+                                                               "(null: the preset's; 1 disables)")
+    pos_embed_rope_rescale_coords: Optional[float] = knob(None, "training-time random log-scale rescale "
+                                                                "(null: the preset's; 1 disables)")
+    interpolate_offset: Optional[float] = knob(None, "offset of the bicubic position-embedding interpolation, "
+                                                     "DINOv2 (null: the preset's)")
+    interpolate_antialias: Optional[bool] = knob(None, "antialias when interpolating the position embedding "
+                                                       "(null: the preset's)")
+    norm_layer: Optional[str] = knob(None, "normalisation layer: layernorm (eps 1e-6, DINOv2), layernormbf16 "
+                                           "(eps 1e-5, DINOv3) or rmsnorm (null: the preset's)",
+                                     choices=["layernorm", "layernormbf16", "rmsnorm"])
+    layerscale: Optional[float] = knob(None, "LayerScale init value (null: the preset's; 0 disables)", min=0.0)
     drop_path_rate: float = knob(0.0, "stochastic depth rate", min=0.0, max=1.0)
     drop_path_uniform: bool = knob(True, "same drop-path rate in every block (else linear ramp)")
-    qkv_bias: bool = knob(True, "bias on the qkv projection")
+    qkv_bias: Optional[bool] = knob(None, "bias on the qkv projection (null: the preset's)")
     proj_bias: bool = knob(True, "bias on the attention output projection")
     ffn_bias: bool = knob(True, "biases in the feed-forward block")
-    mask_k_bias: bool = knob(False, "DINOv3: zero the key part of the qkv bias")
+    mask_k_bias: Optional[bool] = knob(None, "DINOv3: zero the key part of the qkv bias (null: the preset's)")
+    untie_cls_and_patch_norms: Optional[bool] = knob(None, "DINOv3: a separate final norm for CLS and storage "
+                                                           "tokens (null: the preset's)")
+    untie_global_and_local_cls_norm: Optional[bool] = knob(None, "DINOv3: a separate final CLS norm for local "
+                                                                 "crops in training (null: the preset's)")
     attn_backend: str = knob("auto", "attention kernel", choices=["auto", "xformers", "sdpa", "math"])
     pretrained_weights: str = knob("", "official DINOv2/DINOv3 or dinoscale backbone file to start from")
 
@@ -194,12 +210,16 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- curation
 @dataclass
 class EmbedConfig:
-    backbone: str = knob("", "weights file for load_backbone, or a dinoscale run directory")
+    backbone: str = knob("", "weights file for load_backbone, a dinoscale run directory (its export/teacher.pth), "
+                             "or `pixels`: downsampled ImageNet-normalised pixels, a baseline that needs no model")
     arch: Optional[str] = knob(None, "preset to load the weights into (auto-detected when null)")
     image_size: int = knob(224, "images are resized and centre-cropped to this side", min=1)
     batch_size: int = knob(64, "images per forward", min=1)
     features: str = knob("cls", "which features to embed", choices=["cls", "cls_patchmean"])
     embeddings_file: str = knob("", "start from precomputed N x D embeddings (.npy) instead of images")
+    num_workers: int = knob(2, "data-loader processes decoding images", min=0)
+    precision: str = knob("auto", "bf16 autocast where the hardware has it (auto), always, or never",
+                          choices=["auto", "bf16", "fp32"])
 
 
 @dataclass
@@ -209,6 +229,9 @@ class DedupConfig:
     threshold: float = knob(0.6, "cosine above which two images are near duplicates", min=-1.0, max=1.0)
     decontamination_sets: List[str] = knob([], "embeddings (.npy) or pools whose near duplicates are dropped")
     decontamination_threshold: float = knob(0.45, "cosine for decontamination", min=-1.0, max=1.0)
+    ivf_min_size: int = knob(1_000_000, "from this many images, search an approximate inverted-file index "
+                             "instead of an exact one", min=1)
+    nprobe: int = knob(32, "inverted lists scanned per query of the approximate index", min=1)
 
 
 @dataclass
@@ -219,6 +242,9 @@ class KMeansConfig:
     resampling_strategy: str = knob("closest", "which points of a cluster re-fit the centroids in a resampling step",
                                     choices=["closest", "random"])
     n_iter: int = knob(20, "k-means iterations per fit", min=1)
+    init: str = knob("kmeans++", "seeding of every k-means fit: greedy k-means++ as Vo et al. (balances best), "
+                     "faiss's AFK-MC2 (an approximation, faster for many clusters) or random points",
+                     choices=["kmeans++", "afk-mc2", "random"])
     n_split: int = knob(1, "split each first-level cluster into this many by k-means on its members "
                            "(level 1 ends with n_clusters[0] * n_split clusters)", min=1)
     train_sample: Optional[int] = knob(None, "fit level 1 on this many points and assign the rest", min=1)
@@ -240,12 +266,17 @@ class RetrievalConfig:
     cluster_based: bool = knob(False, "for small seed sets: take whole clusters holding seeds")
     min_seeds_per_cluster: int = knob(3, "cluster-based: clusters with more seeds than this contribute", min=0)
     images_per_cluster: int = knob(1000, "cluster-based: images taken per selected cluster", min=1)
+    ivf_min_size: int = knob(1_000_000, "from this many pool images, search an approximate inverted-file index "
+                             "instead of an exact one", min=1)
+    nprobe: int = knob(32, "inverted lists scanned per query of the approximate index", min=1)
 
 
 @dataclass
 class ShardsConfig:
     shard_size: int = knob(1000, "images per webdataset tar shard", min=1)
-    image_format: str = knob("jpg", "encoding inside the shards", choices=["jpg", "png", "webp"])
+    image_format: str = knob("jpg", "encoding inside the shards (images already in it keep their bytes)",
+                             choices=["jpg", "png", "webp"])
+    quality: int = knob(95, "quality of images re-encoded to jpg or webp", min=1, max=100)
 
 
 @dataclass
@@ -258,6 +289,8 @@ class CurationConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
+    report_examples: int = knob(8, "report: duplicate groups and top-level clusters shown, and images per cluster",
+                                min=0)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -267,11 +300,25 @@ class EvalConfig:
     val_dataset: str = knob("", "labelled images to evaluate on")
     image_size: int = knob(224, "evaluation resolution", min=1)
     batch_size: int = knob(128, "images per forward", min=1)
+    num_workers: int = knob(2, "data-loader workers decoding evaluation images", min=0)
+    precision: str = knob("auto", "bf16 autocast where the hardware has it (auto), always, or never",
+                          choices=["auto", "bf16", "fp32"])
+    knn_features: str = knob("cls", "features of the k-NN", choices=["cls", "patch_mean", "cls_patchmean"])
     knn_k: List[int] = knob([10, 20, 100, 200], "k values of the weighted k-NN")
     knn_temperature: float = knob(0.07, "temperature of the k-NN vote weights exp(sim/T)", min=0.0)
+    knn_query_chunk_size: int = knob(256, "k-NN queries per similarity block", min=1)
+    knn_bank_chunk_size: int = knob(65536, "k-NN bank items per similarity block (memory ~ queries x bank)", min=1)
+    linear_features: str = knob("cls_patchmean", "features of the linear probe (DINOv2: CLS + mean patch token)",
+                                choices=["cls", "patch_mean", "cls_patchmean"])
     linear_lrs: List[float] = knob([1e-4, 1e-3, 1e-2, 1e-1], "learning-rate grid of the linear probe")
     linear_weight_decays: List[float] = knob([0.0, 1e-4, 1e-2], "weight-decay grid of the linear probe")
     linear_epochs: int = knob(100, "epochs of linear-probe training", min=1)
+    linear_batch_size: int = knob(256, "features per linear-probe SGD step", min=1)
+    linear_val_fraction: float = knob(0.1, "share of each training class held out to choose the grid point",
+                                      min=0.0, max=1.0)
+    visualize_n_images: int = knob(6, "images in the PCA / attention montages", min=1)
+    pca_foreground_threshold: float = knob(0.0, "foreground: patches whose first principal component lies "
+                                                "above this many standard deviations")
     online_knn_period_iterations: int = knob(0, "k-NN on eval datasets every N training iterations (0: off)", min=0)
 
 

@@ -18,7 +18,7 @@ from dinoscale.data.synthetic import SyntheticSpec, make_synthetic_pool
 from dinoscale.models import build_backbone, load_backbone
 from dinoscale.train.checkpoint import checkpoint_dirs
 from dinoscale.train.export import export_run
-from dinoscale.train.metrics import read_metrics
+from dinoscale.eval.report import read_metrics
 from dinoscale.train.parallel import apply_activation_checkpointing
 from dinoscale.train.ssl import SSLMetaArch
 from dinoscale.train.trainer import build_stream, train
@@ -67,7 +67,8 @@ def _cli(workdir, run, *extra, nproc=1, wait=True):
 
 
 def _losses(run_dir):
-    return {m["iteration"]: m for m in read_metrics(run_dir)}
+    metrics = run_dir / "metrics.jsonl"
+    return {m["iteration"]: m for m in read_metrics(metrics)} if metrics.exists() else {}
 
 
 @pytest.fixture(scope="module")

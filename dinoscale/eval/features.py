@@ -21,14 +21,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from dinoscale.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from dinoscale.errors import ConfigError, DataError
 from dinoscale.losses.distributed import is_distributed, rank, world_size
 from dinoscale.utils.logging import get_logger, progress
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_RATIO = 256 / 224
 FEATURE_KINDS = ("cls", "patch_mean", "cls_patchmean")
+GATHER_BLOCK_ROWS = 16384
 
 log = get_logger(__name__)
 
@@ -97,14 +97,22 @@ class FeatureSet:
         return self.labels
 
 
-def eval_transform(image_size: int) -> transforms.Compose:
-    """Resize the short side to 256/224 of `image_size`, centre-crop `image_size`, ImageNet-normalise."""
+def eval_crop(image_size: int) -> transforms.Compose:
+    """Resize the short side to 256/224 of `image_size`, then centre-crop `image_size` (PIL in, PIL out)."""
     return transforms.Compose([
         transforms.Resize(round(image_size * RESIZE_RATIO), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+
+
+def to_model_input() -> transforms.Compose:
+    """PIL image -> ImageNet-normalised float tensor (C, H, W)."""
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def eval_transform(image_size: int) -> transforms.Compose:
+    """The standard evaluation transform: `eval_crop` then `to_model_input`."""
+    return transforms.Compose([eval_crop(image_size), to_model_input()])
 
 
 def default_device() -> torch.device:
@@ -112,7 +120,7 @@ def default_device() -> torch.device:
 
 
 @functools.cache
-def _cpu_has_bf16() -> bool:
+def cpu_has_native_bf16() -> bool:
     """avx512_bf16 or AMX: bf16 matmuls run natively (elsewhere bf16 on CPU is emulated and slow)."""
     if not sys.platform.startswith("linux"):
         return False
@@ -131,10 +139,23 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     if precision == "bf16":
         return torch.bfloat16
     if precision != "auto":
-        raise ConfigError(f"eval.precision = {precision!r}; choose auto, bf16 or fp32")
+        raise ConfigError(f"precision {precision!r} is unknown; choose auto, bf16 or fp32")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else None
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+
+
+def inference_autocast(device: torch.device, precision: str = "auto") -> torch.autocast:
+    """The autocast context of evaluation forwards (disabled for fp32)."""
+    dtype = autocast_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def check_image_size(model: nn.Module, image_size: int) -> None:
+    patch_size = getattr(model, "patch_size", 1)
+    if image_size % patch_size:
+        raise ConfigError(f"eval.image_size = {image_size} is not a multiple of the backbone's patch size "
+                          f"{patch_size}; pick e.g. {image_size - image_size % patch_size or patch_size}")
 
 
 class _TransformedImages(Dataset):
@@ -158,18 +179,26 @@ def _slice_of_rank(n: int) -> range:
 
 
 def _all_gather_rows(local: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Concatenate every rank's rows in rank order (ranks may hold different row counts)."""
+    """Every rank's rows (CPU) concatenated in rank order; ranks may hold different row counts.
+
+    Rows travel in blocks so device memory stays bounded whatever the pool size.
+    """
     if not is_distributed():
         return local
-    local = local.to(device)
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
     dist.all_gather(sizes, torch.tensor([len(local)], device=device))
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
-    padded[:len(local)] = local
-    gathered = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[:int(s.item())] for g, s in zip(gathered, sizes)]).cpu()
+    sizes = [int(s.item()) for s in sizes]
+    pieces: list[list[torch.Tensor]] = [[] for _ in sizes]
+    for start in range(0, max(sizes), GATHER_BLOCK_ROWS):
+        block = torch.zeros((min(GATHER_BLOCK_ROWS, max(sizes) - start), *local.shape[1:]), dtype=local.dtype,
+                            device=device)
+        mine = local[start:start + len(block)]
+        block[:len(mine)] = mine.to(device)
+        gathered = [torch.empty_like(block) for _ in sizes]
+        dist.all_gather(gathered, block)
+        for rank_pieces, rows in zip(pieces, gathered):
+            rank_pieces.append(rows.cpu())
+    return torch.cat([torch.cat(p)[:n] if p else local[:0] for p, n in zip(pieces, sizes)])
 
 
 @torch.no_grad()
@@ -177,14 +206,11 @@ def extract_features(model: nn.Module, images: LabelledImages, image_size: int =
                      num_workers: int = 0, device: torch.device | None = None, precision: str = "auto",
                      desc: str = "features") -> FeatureSet:
     """CLS and mean patch tokens (after the final norm) of every readable image, in pool order."""
-    patch_size = getattr(model, "patch_size", 1)
-    if image_size % patch_size:
-        raise ConfigError(f"eval.image_size = {image_size} is not a multiple of the backbone's patch size "
-                          f"{patch_size}; pick e.g. {image_size - image_size % patch_size or patch_size}")
+    check_image_size(model, image_size)
     if len(images) == 0:
         raise DataError(f"the {desc} dataset is empty")
     device = device or default_device()
-    dtype = autocast_dtype(device, precision)
+    was_training = model.training
     model = model.to(device).eval()
     dataset = _TransformedImages(images, _slice_of_rank(len(images)), eval_transform(image_size), image_size)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
@@ -192,16 +218,16 @@ def extract_features(model: nn.Module, images: LabelledImages, image_size: int =
     for batch, indices, valid in progress(loader, desc=desc, total=len(loader)):
         batch = batch[valid].to(device, non_blocking=True)
         if len(batch):
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with inference_autocast(device, precision):
                 out = model.forward_features(batch)
-            cls_rows.append(out["x_norm_clstoken"].float())
-            patch_rows.append(out["x_norm_patchtokens"].float().mean(dim=1))
+            cls_rows.append(out["x_norm_clstoken"].float().cpu())
+            patch_rows.append(out["x_norm_patchtokens"].float().mean(dim=1).cpu())
         kept.append(indices[valid])
-    width = getattr(model, "embed_dim", None) or (cls_rows[0].shape[1] if cls_rows else 0)
-    empty = torch.zeros(0, width, device=device)
-    cls = _all_gather_rows(torch.cat(cls_rows) if cls_rows else empty, device).cpu()
-    patch_mean = _all_gather_rows(torch.cat(patch_rows) if patch_rows else empty, device).cpu()
-    index = _all_gather_rows(torch.cat(kept).to(device), device).cpu()
+    model.train(was_training)
+    empty = torch.zeros(0, model.embed_dim)
+    cls = _all_gather_rows(torch.cat(cls_rows) if cls_rows else empty, device)
+    patch_mean = _all_gather_rows(torch.cat(patch_rows) if patch_rows else empty, device)
+    index = _all_gather_rows(torch.cat(kept), device)
     if len(index) == 0:
         raise DataError(f"no image of the {desc} dataset could be read")
     if len(index) < len(images):

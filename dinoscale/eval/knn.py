@@ -4,12 +4,12 @@ Features are L2-normalised; a query's k nearest bank items by cosine similarity 
 their class with weight exp(sim / T). Neighbours are ordered by similarity, equal
 similarities by bank index (lower first); classes with equal votes rank by class index.
 The bank is scanned in chunks with a running top-k merge and queries are processed in
-chunks, so memory stays at about `query_chunk x bank_chunk` similarities whatever the bank size.
+chunks, so similarity memory stays at about `query_chunk x bank_chunk` whatever the bank size.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
@@ -27,9 +27,7 @@ class KnnResult:
     n_queries: int
 
     def as_dict(self) -> dict:
-        return {"n_queries": self.n_queries,
-                "top1": {str(k): v for k, v in self.top1.items()},
-                "top5": {str(k): v for k, v in self.top5.items()}}
+        return asdict(self)
 
 
 def _first_k_in_order(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -41,12 +39,27 @@ def _first_k_in_order(values: torch.Tensor, k: int) -> torch.Tensor:
     return above | (at & (at.cumsum(dim=1) <= needed))
 
 
-def _select(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep k entries per row (largest value, then leftmost), preserving left-to-right order."""
-    k = min(k, values.shape[1])
-    mask = _first_k_in_order(values, k)
-    rows = values.shape[0]
-    return values[mask].view(rows, k), indices[mask].view(rows, k)
+def _top_k_columns(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and column positions of the k largest entries per row (ties at the k-th place: leftmost), unordered."""
+    if k >= sims.shape[1]:
+        return sims, torch.arange(sims.shape[1], device=sims.device).expand_as(sims)
+    values, positions = sims.topk(k + 1, dim=1)
+    # Only when the (k+1)-th value equals the k-th may topk have kept the wrong one of equal values.
+    tied = (values[:, k - 1] == values[:, k]).nonzero().flatten()
+    values, positions = values[:, :k].clone(), positions[:, :k].clone()
+    if len(tied):
+        exact = _first_k_in_order(sims[tied], k).nonzero()[:, 1].view(len(tied), k)
+        positions[tied] = exact
+        values[tied] = sims[tied].gather(1, exact)
+    return values, positions
+
+
+def _best_first(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first k entries per row ordered by decreasing value, equal values by increasing index."""
+    order = indices.argsort(dim=1)
+    values, indices = values.gather(1, order), indices.gather(1, order)
+    order = values.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return values.gather(1, order), indices.gather(1, order)
 
 
 def knn_search(queries: torch.Tensor, bank: torch.Tensor, k: int, bank_chunk_size: int = 65536,
@@ -61,15 +74,12 @@ def knn_search(queries: torch.Tensor, bank: torch.Tensor, k: int, bank_chunk_siz
     best_sims = best_idx = None
     for start in range(0, bank.shape[0], bank_chunk_size):
         chunk = bank[start:start + bank_chunk_size].to(queries.device, queries.dtype, non_blocking=True)
-        sims = queries @ chunk.T
-        idx = torch.arange(start, start + chunk.shape[0], device=queries.device).expand_as(sims)
-        sims, idx = _select(sims, idx, k)
+        sims, positions = _top_k_columns(queries @ chunk.T, k)
+        idx = positions + start
         if best_sims is not None:
-            # Running entries come from earlier (lower-index) chunks, so concatenation keeps index order.
-            sims, idx = _select(torch.cat([best_sims, sims], 1), torch.cat([best_idx, idx], 1), k)
-        best_sims, best_idx = sims, idx
-    order = best_sims.argsort(dim=1, descending=True, stable=True)
-    return best_sims.gather(1, order), best_idx.gather(1, order)
+            sims, idx = torch.cat([best_sims, sims], 1), torch.cat([best_idx, idx], 1)
+        best_sims, best_idx = _best_first(sims, idx, k)
+    return best_sims, best_idx
 
 
 def knn_vote(neighbour_sims: torch.Tensor, neighbour_labels: torch.Tensor, n_classes: int,
@@ -103,12 +113,12 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
                  bank_chunk_size: int = 65536) -> KnnResult:
     """Weighted k-NN top-1/top-5 accuracy (percent) of `test_features` against a labelled bank.
 
-    Queries are processed on the device of `test_features`; the bank may stay on CPU.
-    A k larger than the bank uses the whole bank.
+    Everything runs on the device of `test_features` (the bank is copied there once; only the
+    similarity blocks are chunked). A k larger than the bank uses the whole bank.
     """
     _check_inputs(train_features, train_labels, test_features, test_labels, ks, temperature)
     device = test_features.device
-    bank = F.normalize(train_features.float(), dim=1)
+    bank = F.normalize(train_features.to(device).float(), dim=1)
     bank_labels = train_labels.long().to(device)
     n_classes = n_classes or int(max(train_labels.max(), test_labels.max())) + 1
     max_k = max(ks)

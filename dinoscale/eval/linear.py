@@ -20,6 +20,7 @@ from dinoscale.errors import DataError
 
 MOMENTUM = 0.9
 INIT_STD = 0.01
+EVAL_ROWS = 8192  # logits of G classifiers are scored in row blocks of this size
 
 
 @dataclass
@@ -94,9 +95,12 @@ def train_linear_classifiers(features: torch.Tensor, labels: torch.Tensor, n_cla
 def topk_accuracy(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                   k: int = 1) -> torch.Tensor:
     """Top-k accuracy (percent) of each of the G classifiers: a tensor [G]."""
-    logits = torch.einsum("nd,gdc->gnc", features, weight) + bias[:, None, :]
-    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
-    return 100.0 * (top == labels[None, :, None]).any(-1).float().mean(-1)
+    correct = torch.zeros(weight.shape[0], device=features.device)
+    for start in range(0, len(features), EVAL_ROWS):
+        logits = torch.einsum("nd,gdc->gnc", features[start:start + EVAL_ROWS], weight) + bias[:, None, :]
+        top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+        correct += (top == labels[None, start:start + EVAL_ROWS, None]).any(-1).sum(-1)
+    return 100.0 * correct / len(features)
 
 
 def _standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:

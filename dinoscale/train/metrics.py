@@ -42,13 +42,6 @@ class MetricsLogger:
             self._writer.close()
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def backbone_forward_flops(backbone: nn.Module, n_images: int, n_tokens: int) -> float:
     """Matmul FLOPs of one forward: 2 x (block weights) per token plus attention (QK^T and AV)."""
     block_weights = sum(p.numel() for n, p in backbone.blocks.named_parameters() if p.dim() == 2)

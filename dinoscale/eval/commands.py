@@ -1,0 +1,121 @@
+"""The bodies of `dinoscale eval knn|linear|visualize|report` (argument parsing is in `cli`).
+
+Each command writes `report.json`, `report.md` (with its PNGs) and a self-contained
+`report.html` into --out; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dinoscale.config import load_config
+from dinoscale.data.pool import open_pool
+from dinoscale.errors import DataError
+from dinoscale.eval.cli import METRICS_FILE
+from dinoscale.eval.evaluate import evaluate_knn, evaluate_linear, knn_over_checkpoints, open_labelled
+from dinoscale.eval.report import Section, knn_history, plot_knn_curve, plot_loss_curves, read_metrics, write_report
+from dinoscale.eval.visualize import render_pictures
+from dinoscale.losses.distributed import rank
+from dinoscale.models.loading import load_backbone
+
+
+def _config(args: argparse.Namespace) -> DictConfig:
+    cfg = load_config(args.config, args.overrides)
+    if getattr(args, "train", None):
+        cfg.eval.train_dataset = args.train
+    if getattr(args, "val", None):
+        cfg.eval.val_dataset = args.val
+    return cfg
+
+
+def _setup(args: argparse.Namespace, cfg: DictConfig) -> dict[str, Any]:
+    return {"weights": getattr(args, "weights", None), "arch": args.arch,
+            "eval": OmegaConf.to_container(cfg.eval, resolve=True)}
+
+
+def _datasets_line(cfg: DictConfig, train: Any, val: Any) -> str:
+    return (f"train: {cfg.eval.train_dataset} ({len(train)} images, {len(train.class_names)} classes); "
+            f"val: {cfg.eval.val_dataset} ({len(val)} images)")
+
+
+def _finish(out: str, title: str, sections: list[Section], results: dict, summary: str) -> None:
+    if rank() == 0:
+        paths = write_report(out, title, sections, results)
+        print(f"{summary}; report: {paths['html']}")
+
+
+def cmd_knn(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    train, val = open_labelled(cfg.eval.train_dataset, "train"), open_labelled(cfg.eval.val_dataset, "val")
+    result = evaluate_knn(load_backbone(args.weights, args.arch), train, val, cfg.eval)
+    table = [["k", "top-1 (%)", "top-5 (%)"]] + [[str(k), f"{result.top1[k]:.2f}", f"{result.top5[k]:.2f}"]
+                                                  for k in result.top1]
+    text = (f"Weights {args.weights}; {cfg.eval.knn_features} features at {cfg.eval.image_size} px, weighted vote "
+            f"exp(sim/T) with T={cfg.eval.knn_temperature}. {_datasets_line(cfg, train, val)}.")
+    summary = "k-NN top-1: " + ", ".join(f"{k}-NN {v:.2f}%" for k, v in result.top1.items())
+    _finish(args.out, "k-NN evaluation", [Section("Weighted k-NN", text, table)],
+            {**_setup(args, cfg), "knn": result.as_dict()}, summary)
+
+
+def cmd_linear(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    train, val = open_labelled(cfg.eval.train_dataset, "train"), open_labelled(cfg.eval.val_dataset, "val")
+    result = evaluate_linear(load_backbone(args.weights, args.arch), train, val, cfg.eval, seed=cfg.seed)
+    grid = [["lr", "weight decay", "selection top-1 (%)"]] + [
+        [f"{p['lr']:g}", f"{p['weight_decay']:g}", f"{p['val_top1']:.2f}"] for p in result.grid]
+    text = (f"Weights {args.weights}; {cfg.eval.linear_features} features at {cfg.eval.image_size} px. "
+            f"Grid point chosen on {result.n_val} held-out training images, retrained on all {result.n_train}, "
+            f"scored on {result.n_test} val images: top-1 {result.test_top1:.2f}%, top-5 {result.test_top5:.2f}% "
+            f"(lr {result.lr:g}, weight decay {result.weight_decay:g}). {_datasets_line(cfg, train, val)}.")
+    summary = f"linear probe top-1 {result.test_top1:.2f}% (lr {result.lr:g}, wd {result.weight_decay:g})"
+    _finish(args.out, "Linear probe", [Section("Linear probe", text, grid)],
+            {**_setup(args, cfg), "linear": result.as_dict()}, summary)
+
+
+def cmd_visualize(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    source = args.images or cfg.eval.val_dataset
+    if not source:
+        raise DataError("no images to draw; pass --images DIR (or set eval.val_dataset)")
+    pictures = render_pictures(load_backbone(args.weights, args.arch), open_pool(source),
+                               image_size=cfg.eval.image_size, n_images=cfg.eval.visualize_n_images,
+                               foreground_threshold=cfg.eval.pca_foreground_threshold, precision=cfg.eval.precision)
+    sections = [
+        Section("PCA of patch features", "Columns: image; first three principal components of all patches as RGB; "
+                "foreground (first component above the threshold); PCA of the foreground patches only.",
+                images={"pca": pictures["pca"]}),
+        Section("CLS attention of the last block", "Columns: image; mean over heads; one map per head.",
+                images={"attention": pictures["attention"]}),
+    ]
+    _finish(args.out, f"Pictures of {Path(args.weights).name}", sections,
+            {**_setup(args, cfg), "images": str(source)}, f"pictures of {source}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    metrics = args.metrics or (str(Path(args.run) / METRICS_FILE) if args.run else None)
+    if not metrics and not args.checkpoints:
+        raise DataError("nothing to report; pass --run DIR (or --metrics FILE) and/or --checkpoints PATH ...")
+    sections, results = [], _setup(args, cfg)
+    history: list[dict] = []
+    if metrics:
+        records = read_metrics(metrics)
+        sections.append(Section("Training losses", f"{len(records)} metric records from {metrics}.",
+                                images={"losses": plot_loss_curves(records)}))
+        history = knn_history(records)
+        results["metrics"] = metrics
+    if args.checkpoints:
+        train, val = open_labelled(cfg.eval.train_dataset, "train"), open_labelled(cfg.eval.val_dataset, "val")
+        history = knn_over_checkpoints(args.checkpoints, train, val, cfg.eval,
+                                       load=lambda path: load_backbone(path, args.arch))
+    if history:
+        ks = sorted({k for p in history for k in p["top1"]})
+        table = [["iteration", *[f"{k}-NN top-1 (%)" for k in ks]]] + [
+            [str(p["iteration"]), *[f"{p['top1'][k]:.2f}" if k in p["top1"] else "" for k in ks]] for p in history]
+        sections.append(Section("k-NN accuracy over training", "", table, images={"knn": plot_knn_curve(history)}))
+        results["knn_history"] = history
+    _finish(args.out, "Training report", sections, results, f"report of {len(sections)} sections")

@@ -1,0 +1,117 @@
+"""Evaluation protocols on a backbone: features of the train and val datasets, then k-NN or a
+linear probe; also the online k-NN a trainer calls every N steps and k-NN over checkpoints.
+
+`cfg` is the `eval` config section (`EvalConfig` fields).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from dinoscale.data.pool import ImagePool, open_pool
+from dinoscale.errors import DataError
+from dinoscale.eval.features import FeatureSet, LabelledImages, default_device, extract_features
+from dinoscale.eval.knn import KnnResult, knn_classify
+from dinoscale.eval.linear import LinearProbeResult, linear_probe
+from dinoscale.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def open_labelled(path: str | os.PathLike, role: str) -> ImagePool:
+    """An image pool whose items have class labels (one sub-folder per class)."""
+    if not str(path):
+        raise DataError(f"no {role} dataset given; pass --{role} DIR or set eval.{role}_dataset")
+    pool = open_pool(path)
+    if pool.labels is None:
+        raise DataError(f"{role} dataset {path} has no labels; put its images in one sub-folder per class")
+    return pool
+
+
+def aligned_labels(train: FeatureSet, val: FeatureSet) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Train and val labels indexed by the train class names (val may hold a subset of the classes)."""
+    train_labels, val_labels = train.require_labels("train"), val.require_labels("val")
+    if train.class_names is None or val.class_names is None or train.class_names == val.class_names:
+        n_classes = len(train.class_names) if train.class_names else int(max(train_labels.max(), val_labels.max())) + 1
+        return train_labels, val_labels, n_classes
+    index = {name: i for i, name in enumerate(train.class_names)}
+    unknown = sorted(set(val.class_names) - set(index))
+    if unknown:
+        raise DataError(f"val classes {unknown[:5]} do not exist in the train dataset; "
+                        "both need the same class sub-folders")
+    remap = torch.tensor([index[name] for name in val.class_names])
+    return train_labels, remap[val_labels], len(train.class_names)
+
+
+def _features(model: nn.Module, images: LabelledImages, cfg: Any, device: torch.device, desc: str) -> FeatureSet:
+    return extract_features(model, images, image_size=cfg.image_size, batch_size=cfg.batch_size,
+                            num_workers=cfg.num_workers, device=device, precision=cfg.precision, desc=desc)
+
+
+def evaluate_knn(model: nn.Module, train_images: LabelledImages, val_images: LabelledImages, cfg: Any,
+                 device: torch.device | None = None) -> KnnResult:
+    """Weighted k-NN of the val images against the train images (eval.knn_* settings)."""
+    device = device or default_device()
+    train = _features(model, train_images, cfg, device, "k-NN train features")
+    val = _features(model, val_images, cfg, device, "k-NN val features")
+    train_labels, val_labels, n_classes = aligned_labels(train, val)
+    return knn_classify(train.select(cfg.knn_features), train_labels, val.select(cfg.knn_features).to(device),
+                        val_labels, ks=list(cfg.knn_k), temperature=cfg.knn_temperature, n_classes=n_classes,
+                        query_chunk_size=cfg.knn_query_chunk_size, bank_chunk_size=cfg.knn_bank_chunk_size)
+
+
+def evaluate_linear(model: nn.Module, train_images: LabelledImages, val_images: LabelledImages, cfg: Any,
+                    device: torch.device | None = None, seed: int = 0) -> LinearProbeResult:
+    """Linear probe trained on the train images (grid chosen on a held-out part), scored on the val images."""
+    device = device or default_device()
+    train = _features(model, train_images, cfg, device, "linear train features")
+    val = _features(model, val_images, cfg, device, "linear val features")
+    train_labels, val_labels, n_classes = aligned_labels(train, val)
+    return linear_probe(train.select(cfg.linear_features).to(device), train_labels,
+                        val.select(cfg.linear_features).to(device), val_labels, lrs=list(cfg.linear_lrs),
+                        weight_decays=list(cfg.linear_weight_decays), epochs=cfg.linear_epochs,
+                        batch_size=cfg.linear_batch_size, val_fraction=cfg.linear_val_fraction,
+                        n_classes=n_classes, seed=seed)
+
+
+def knn_metrics(result: KnnResult) -> dict[str, float]:
+    """Flat `knn_top1_k{K}` / `knn_top5_k{K}` values, as a trainer logs them to its metrics file."""
+    metrics = {f"knn_top1_k{k}": v for k, v in result.top1.items()}
+    metrics.update({f"knn_top5_k{k}": v for k, v in result.top5.items()})
+    return metrics
+
+
+def online_knn(model: nn.Module, train_images: LabelledImages, val_images: LabelledImages, cfg: Any,
+               device: torch.device | None = None) -> dict[str, float]:
+    """k-NN during training (every eval.online_knn_period_iterations): the metrics to log.
+
+    The model's train/eval mode is restored afterwards.
+    """
+    return knn_metrics(evaluate_knn(model, train_images, val_images, cfg, device))
+
+
+def checkpoint_iteration(path: str | os.PathLike) -> int | None:
+    """The training iteration in a checkpoint's name (`model_0004999.pth`, `5000/teacher.pth`), if any."""
+    path = Path(path)
+    numbers = re.findall(r"\d+", f"{path.parent.name}/{path.stem}")
+    return int(numbers[-1]) if numbers else None
+
+
+def knn_over_checkpoints(checkpoints: Sequence[str | os.PathLike], train_images: LabelledImages,
+                         val_images: LabelledImages, cfg: Any, load: Callable[[str], nn.Module],
+                         device: torch.device | None = None) -> list[dict]:
+    """k-NN of every checkpoint (`load(path)` gives its backbone), ordered by iteration."""
+    points = []
+    for position, path in enumerate(checkpoints):
+        result = evaluate_knn(load(str(path)), train_images, val_images, cfg, device)
+        iteration = checkpoint_iteration(path)
+        points.append({"checkpoint": str(path), "iteration": position if iteration is None else iteration,
+                       "top1": result.top1, "top5": result.top5})
+        log.info("k-NN of %s: %s", path, {k: round(v, 2) for k, v in result.top1.items()})
+    return sorted(points, key=lambda p: p["iteration"])
