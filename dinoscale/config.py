@@ -39,7 +39,7 @@ def knob(default: Any, help: str, *, choices: Sequence[Any] | None = None, min: 
 # ----------------------------------------------------------------------------- model
 @dataclass
 class StudentConfig:
-    """The backbone. `arch` names a preset; a field left null takes the preset's value (see dinoscale/models/presets.py)."""
+    """The backbone. `arch` names a preset; a field left null takes the preset's value (dinoscale/models/presets.py)."""
 
     arch: str = knob("vit_small", "backbone preset (see `dinoscale models`)")
     patch_size: int = knob(16, "patch size in pixels", min=1)
@@ -220,6 +220,9 @@ class EmbedConfig:
     num_workers: int = knob(2, "data-loader processes decoding images", min=0)
     precision: str = knob("auto", "bf16 autocast where the hardware has it (auto), always, or never",
                           choices=["auto", "bf16", "fp32"])
+    copy_detection: str = knob("", "a second embedding used only by dedup, as DINOv2 used a copy-detection model: "
+                                   "`pixels` or a weights file (empty: dedup uses the main embeddings)")
+    copy_detection_image_size: int = knob(8, "side of the images the copy-detection embedding sees", min=1)
 
 
 @dataclass
@@ -229,7 +232,7 @@ class DedupConfig:
     threshold: float = knob(0.6, "cosine above which two images are near duplicates", min=-1.0, max=1.0)
     decontamination_sets: List[str] = knob([], "embeddings (.npy) or pools whose near duplicates are dropped")
     decontamination_threshold: float = knob(0.45, "cosine for decontamination", min=-1.0, max=1.0)
-    ivf_min_size: int = knob(1_000_000, "from this many images, search an approximate inverted-file index "
+    ivf_min_size: int = knob(250_000, "from this many images, search an approximate inverted-file index "
                              "instead of an exact one", min=1)
     nprobe: int = knob(32, "inverted lists scanned per query of the approximate index", min=1)
 
@@ -266,7 +269,7 @@ class RetrievalConfig:
     cluster_based: bool = knob(False, "for small seed sets: take whole clusters holding seeds")
     min_seeds_per_cluster: int = knob(3, "cluster-based: clusters with more seeds than this contribute", min=0)
     images_per_cluster: int = knob(1000, "cluster-based: images taken per selected cluster", min=1)
-    ivf_min_size: int = knob(1_000_000, "from this many pool images, search an approximate inverted-file index "
+    ivf_min_size: int = knob(250_000, "from this many pool images, search an approximate inverted-file index "
                              "instead of an exact one", min=1)
     nprobe: int = knob(32, "inverted lists scanned per query of the approximate index", min=1)
 
