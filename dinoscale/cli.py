@@ -95,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output .pth file (loadable with dinoscale.models.load_backbone)")
     p.set_defaults(handler=cmd_export)
 
+    from dinoscale.curation.cli import add_curate_parser
     from dinoscale.eval.cli import add_eval_commands
+
+    add_curate_parser(sub)
 
     add_eval_commands(sub.add_parser("eval", help="k-NN, linear probe, pictures and reports"))
 

@@ -326,6 +326,16 @@ class EvalConfig:
 
 
 @dataclass
+class DemoConfig:
+    pool_images: int = knob(3000, "images in the synthetic uncurated pool", min=50)
+    image_size: int = knob(64, "side of the synthetic images", min=16)
+    eval_per_class: int = knob(40, "labelled images per class in each evaluation split", min=2)
+    embedder_iterations: int = knob(150, "iterations of the first training round on the raw pool (the embedder)", min=1)
+    gram_fraction: float = knob(0.2, "share of the final training run with Gram anchoring", min=0.0, max=1.0)
+    pictures: int = knob(6, "images in the PCA and attention montages", min=1)
+
+
+@dataclass
 class Config:
     seed: int = knob(0, "seed of every random choice")
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -338,6 +348,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     curation: CurationConfig = field(default_factory=CurationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -1,0 +1,116 @@
+"""Balanced hierarchical sampling from a cluster tree (Vo et al. 2024).
+
+Top-down: the target size is spread over the top-level clusters, then each cluster's quota over
+its children, and so on down to the first-level clusters, which give points. At every split a
+child of size s gets min(cut, s), where `cut` is the largest integer with
+sum(min(cut, s_i)) <= quota, and the few points still missing go, one each, to children chosen
+at random among those bigger than the cut. Small clusters are thus kept whole and big ones are
+cut down to the same size, at every level. Leaves give random points or the points closest to
+their centroid. Every split of one level is solved at once, vectorised over all clusters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dinoscale.curation.kmeans import ClusterTree, rank_within_groups
+from dinoscale.errors import ConfigError
+from dinoscale.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class SampleResult:
+    """Selected point indices (sorted; an index repeats only with allow_repeats) and their clusters."""
+
+    indices: np.ndarray  # (n_selected,) int64
+    cluster_path: np.ndarray  # (n_selected, n_levels) int64, the cluster at each level, finest first
+
+
+def hierarchical_sample(tree: ClusterTree, cfg: Any, seed: int = 0) -> SampleResult:
+    """Pick `cfg.target_size` points of the tree's pool (a `SamplingConfig`), deterministic in `seed`."""
+    if cfg.strategy not in ("random", "closest"):
+        raise ConfigError(f"curation.sampling.strategy = {cfg.strategy!r}; choose 'random' or 'closest'")
+    rng = np.random.default_rng(seed)
+    paths = tree.point_clusters()
+    n_points, n_levels = paths.shape
+    target = cfg.target_size
+    copies_per_point = 1
+    if target > n_points:
+        if cfg.allow_repeats:
+            copies_per_point = math.ceil(target / n_points)
+        else:
+            log.warning("sampling: target_size %d exceeds the %d points of the pool; taking them all "
+                        "(set curation.sampling.allow_repeats=true to repeat images up to the target)",
+                        target, n_points)
+            target = n_points
+
+    top = n_levels - 1
+    capacity = np.bincount(paths[:, top], minlength=tree.levels[top].n_clusters) * copies_per_point
+    quota = split_quota(capacity, np.zeros(len(capacity), dtype=np.int64), np.array([target]), rng)
+    for level in range(top - 1, -1, -1):
+        parent = tree.levels[level + 1].assignment
+        capacity = np.bincount(paths[:, level], minlength=tree.levels[level].n_clusters) * copies_per_point
+        quota = split_quota(capacity, parent, quota, rng)
+
+    leaf = paths[:, 0]
+    rank_key = tree.levels[0].distances if cfg.strategy == "closest" else rng.random(n_points)
+    copies = _copies_per_point(leaf, rank_key, quota)
+    indices = np.repeat(np.arange(n_points), copies)
+    return SampleResult(indices, paths[indices])
+
+
+def largest_cut(capacity: np.ndarray, group: np.ndarray, group_target: np.ndarray) -> np.ndarray:
+    """Per group g: the largest integer c with sum over its members of min(c, capacity) <= target[g].
+
+    Where a group's whole capacity fits its target, c is the group's largest capacity.
+    Binary search run for all groups at once.
+    """
+    n_groups = len(group_target)
+
+    def filled(cut: np.ndarray) -> np.ndarray:
+        return np.bincount(group, weights=np.minimum(cut[group], capacity), minlength=n_groups)
+
+    high = np.zeros(n_groups, dtype=np.int64)
+    np.maximum.at(high, group, capacity)
+    low = np.zeros(n_groups, dtype=np.int64)
+    searching = filled(high) > group_target  # invariant while searching: filled(low) <= target < filled(high)
+    low[~searching] = high[~searching]
+    while np.any(searching & (high - low > 1)):
+        mid = (low + high) // 2
+        fits = filled(mid) <= group_target
+        low = np.where(searching & fits, mid, low)
+        high = np.where(searching & ~fits, mid, high)
+    return low
+
+
+def split_quota(capacity: np.ndarray, group: np.ndarray, group_target: np.ndarray,
+                rng: np.random.Generator) -> np.ndarray:
+    """Spread each group's target over its members: min(cut, capacity), plus one for as many
+    randomly chosen members above the cut as needed to reach the target exactly."""
+    cut = largest_cut(capacity, group, group_target)
+    quota = np.minimum(cut[group], capacity)
+    missing = group_target - np.bincount(group, weights=quota, minlength=len(group_target)).astype(np.int64)
+    above = np.flatnonzero(capacity > cut[group])
+    order = above[np.lexsort((rng.random(len(above)), group[above]))]
+    rank = rank_within_groups(group[order])
+    quota[order[rank < missing[group[order]]]] += 1
+    return quota
+
+
+def _copies_per_point(leaf: np.ndarray, rank_key: np.ndarray, leaf_quota: np.ndarray) -> np.ndarray:
+    """A leaf of s points with quota q gives every point q // s copies and one more to the
+    q % s points ranked first by `rank_key` (distance to the centroid, or a random key)."""
+    order = np.lexsort((rank_key, leaf))
+    sizes = np.bincount(leaf, minlength=len(leaf_quota))
+    rank = rank_within_groups(leaf[order])
+    q, s = leaf_quota[leaf[order]], sizes[leaf[order]]
+    copies = np.empty(len(leaf), dtype=np.int64)
+    copies[order] = q // s + (rank < q % s)
+    return copies
+

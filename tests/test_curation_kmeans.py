@@ -1,0 +1,250 @@
+"""Hierarchical k-means: the five-ring toy of Vo et al., checkpoints, parallel assignment, splits."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import dinoscale.curation.kmeans as kmeans_module
+from dinoscale.config import KMeansConfig, SamplingConfig
+from dinoscale.curation.kmeans import (
+    ClusterTree,
+    assign_slice,
+    fit_hierarchical_kmeans,
+    merge_assignment_slices,
+)
+from dinoscale.curation.sampling import hierarchical_sample
+from dinoscale.errors import ConfigError, DataError
+
+RING_SIZES = [20000, 200, 1000, 500, 8000]
+RING_CENTERS = [(-2.2, 1.0), (0.0, 1.0), (2.2, 1.0), (-1.2, 0.2), (1.2, 0.2)]
+
+
+def five_rings(seed: int) -> np.ndarray:
+    """The toy data of Vo et al.'s README: rings of radius 0.7-1.0, very unequal sizes."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for n, center in zip(RING_SIZES, RING_CENTERS):
+        radius = rng.random(n) * 0.3 + 0.7
+        angle = rng.random(n) * 2 * np.pi
+        parts.append(np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=1) + np.array(center))
+    return np.concatenate(parts).astype(np.float32)
+
+
+def normalised_entropy(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum() / np.log(len(counts)))
+
+
+def brute_force_nearest(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    d = ((points[:, None, :].astype(np.float64) - centroids[None].astype(np.float64)) ** 2).sum(-1)
+    return d.argmin(1)
+
+
+def blobs(seed: int = 0, n: int = 2000, dim: int = 8, n_blobs: int = 10) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((n_blobs, dim)) * 5
+    return (centers[rng.integers(0, n_blobs, n)] + rng.standard_normal((n, dim))).astype(np.float32)
+
+
+@pytest.mark.slow
+def test_five_rings_sample_is_balanced_like_vo_et_al():
+    """Their README setting: 2 levels of 1000 and 300 clusters, sample sizes 15 and 2, 10 resampling
+    steps, k-means++ and 50 iterations, then 1000-point samples. Their code reaches a normalised
+    ring entropy of 0.982 (seeds 0-2) keeping about 113 of the 200 points of the smallest ring;
+    uniform random sampling about 0.53. Over 8 seeds this implementation averages 0.980 with a
+    spread of 0.005 per seed (plain one-candidate k-means++ seeding: 0.975), so the mean of three
+    seeds is held to 0.975 rather than to 0.98, which nearly half of such triples miss."""
+    ring_of_point = np.repeat(np.arange(5), RING_SIZES)
+    cfg = KMeansConfig(n_clusters=[1000, 300], n_resampling_steps=[10, 10], sample_size=[15, 2], n_iter=50)
+    entropies, random_entropies, smallest_ring = [], [], []
+    for seed in range(3):
+        x = five_rings(seed)
+        start = time.perf_counter()
+        tree = fit_hierarchical_kmeans(x, cfg, seed=seed)
+        print(f"seed {seed}: hierarchical k-means {time.perf_counter() - start:.1f} s")
+        for sampling_seed in range(10):
+            sample = hierarchical_sample(tree, SamplingConfig(target_size=1000), seed=sampling_seed)
+            assert len(sample.indices) == 1000 and len(np.unique(sample.indices)) == 1000
+            counts = np.bincount(ring_of_point[sample.indices], minlength=5)
+            entropies.append(normalised_entropy(counts))
+            smallest_ring.append(counts[1])
+            uniform = np.random.default_rng(sampling_seed).choice(len(x), size=1000, replace=False)
+            random_entropies.append(normalised_entropy(np.bincount(ring_of_point[uniform], minlength=5)))
+    print(f"ring entropy {np.mean(entropies):.4f} (uniform random {np.mean(random_entropies):.4f}); "
+          f"smallest ring kept {np.mean(smallest_ring):.1f} of 200")
+    assert np.mean(random_entropies) < 0.6
+    assert np.mean(entropies) >= 0.975
+    assert np.mean(smallest_ring) >= 95
+
+
+def test_levels_assign_every_item_to_its_nearest_centroid():
+    x = blobs()
+    cfg = KMeansConfig(n_clusters=[40, 6], n_resampling_steps=[3, 3], sample_size=[10, 3], n_iter=10)
+    tree = fit_hierarchical_kmeans(x, cfg, seed=0)
+    items = x
+    for level in tree.levels:
+        np.testing.assert_array_equal(level.assignment, brute_force_nearest(items, level.centroids))
+        expected_distance = ((items - level.centroids[level.assignment]) ** 2).sum(1)
+        np.testing.assert_allclose(level.distances, expected_distance, rtol=1e-4, atol=1e-4)
+        assert np.bincount(level.assignment).min() > 0  # empty clusters are dropped
+        items = level.centroids
+    paths = tree.point_clusters()
+    assert paths.shape == (len(x), 2)
+    np.testing.assert_array_equal(paths[:, 1], brute_force_nearest(tree.levels[0].centroids,
+                                                                   tree.levels[1].centroids)[paths[:, 0]])
+
+
+def test_resampling_picks_the_points_closest_to_each_centroid():
+    rng = np.random.default_rng(1)
+    assignment = rng.integers(0, 7, 300)
+    distances = rng.random(300).astype(np.float32)
+    picked = kmeans_module._resampling_picks(assignment, distances, 4, "closest", rng)
+    expected = []
+    for c in range(7):
+        members = np.flatnonzero(assignment == c)
+        expected.extend(members[np.argsort(distances[members])[:4]])
+    assert sorted(picked.tolist()) == sorted(int(i) for i in expected)
+    random_picks = kmeans_module._resampling_picks(assignment, distances, 4, "random", rng)
+    assert np.bincount(assignment[random_picks], minlength=7).tolist() == [
+        min(4, int((assignment == c).sum())) for c in range(7)]
+
+
+def test_seeding_is_greedy_kmeans_plus_plus():
+    """Each next seed is, of 2 + ln(k) candidates drawn proportionally to the squared distance to
+    the nearest seed so far, the one leaving the smallest total squared distance (Vo et al.)."""
+    points = blobs(seed=9, n=1500, dim=16, n_blobs=30)
+    k, rng = 40, np.random.default_rng(3)
+    seeds = kmeans_module._kmeans_plus_plus(points, k, np.random.default_rng(3))
+
+    x = points.astype(np.float64)
+    chosen = [int(rng.integers(len(x)))]
+    closest = ((x - x[chosen[0]]) ** 2).sum(1)
+    for _ in range(1, k):
+        draws = rng.random(2 + int(np.log(k))) * closest.sum()
+        candidates = np.minimum(np.searchsorted(np.cumsum(closest), draws), len(x) - 1)
+        totals = [np.minimum(closest, ((x - x[c]) ** 2).sum(1)) for c in candidates]
+        best = int(np.argmin([t.sum() for t in totals]))
+        chosen.append(int(candidates[best]))
+        closest = totals[best]
+    np.testing.assert_array_equal(seeds, points[chosen])
+
+
+def test_checkpoints_are_loaded_instead_of_refitted(tmp_path, monkeypatch):
+    calls = []
+    real_train = kmeans_module.train_kmeans
+
+    def counting_train(*args, **kwargs):
+        calls.append(args[1])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(kmeans_module, "train_kmeans", counting_train)
+    x = blobs(seed=2)
+    cfg = KMeansConfig(n_clusters=[30, 5], n_resampling_steps=[2, 2], sample_size=[5, 2], n_iter=5)
+    first = fit_hierarchical_kmeans(x, cfg, checkpoint_dir=tmp_path, seed=3)
+    assert len(calls) == 6  # one fit plus two resampling fits per level
+
+    calls.clear()
+    again = fit_hierarchical_kmeans(x, cfg, checkpoint_dir=tmp_path, seed=3)
+    assert calls == []
+    for a, b in zip(first.levels, again.levels):
+        np.testing.assert_array_equal(a.centroids, b.centroids)
+        np.testing.assert_array_equal(a.assignment, b.assignment)
+
+    # changing the second level refits only that level, and gives what a fresh run gives
+    calls.clear()
+    cfg2 = KMeansConfig(n_clusters=[30, 4], n_resampling_steps=[2, 2], sample_size=[5, 2], n_iter=5)
+    partial = fit_hierarchical_kmeans(x, cfg2, checkpoint_dir=tmp_path, seed=3)
+    assert calls == [4, 4, 4]
+    fresh = fit_hierarchical_kmeans(x, cfg2, seed=3)
+    np.testing.assert_array_equal(partial.levels[1].assignment, fresh.levels[1].assignment)
+    np.testing.assert_array_equal(partial.levels[1].centroids, fresh.levels[1].centroids)
+
+    # another seed or other data invalidates everything
+    calls.clear()
+    fit_hierarchical_kmeans(x[::-1].copy(), cfg2, checkpoint_dir=tmp_path, seed=3)
+    assert len(calls) == 6
+
+    loaded = ClusterTree.load(tmp_path)
+    assert len(loaded.levels) == 2
+
+
+def test_sliced_assignment_equals_full_assignment():
+    x = blobs(seed=4, n=1003)
+    centroids = x[:17].copy()
+    parts = [(start, *assign_slice(x, centroids, start, min(start + 250, len(x)))) for start in range(0, len(x), 250)]
+    assignment, distances = merge_assignment_slices(parts[::-1], len(x))
+    np.testing.assert_array_equal(assignment, brute_force_nearest(x, centroids))
+    full_assignment, full_distances = assign_slice(x, centroids, 0, len(x))
+    np.testing.assert_array_equal(assignment, full_assignment)
+    np.testing.assert_array_equal(distances, full_distances)
+    with pytest.raises(DataError, match="missing"):
+        merge_assignment_slices(parts[:2] + parts[3:], len(x))
+    with pytest.raises(DataError, match="overlap"):
+        merge_assignment_slices(parts + [parts[1]], len(x))
+
+
+def test_fit_delegates_full_assignments(tmp_path):
+    """A SLURM array can do every full assignment: the fit then never assigns the points itself."""
+    x = blobs(seed=5)
+    seen = []
+
+    def assign_all(centroids):
+        seen.append(centroids.shape[0])
+        parts = [(s, *assign_slice(x, centroids, s, min(s + 500, len(x)))) for s in range(0, len(x), 500)]
+        return merge_assignment_slices(parts, len(x))
+
+    cfg = KMeansConfig(n_clusters=[20, 4], n_resampling_steps=[2, 1], sample_size=[5, 2], n_iter=5)
+    tree = fit_hierarchical_kmeans(x, cfg, seed=1, assign_all=assign_all)
+    assert seen == [20, 20, 20]
+    reference = fit_hierarchical_kmeans(x, cfg, seed=1)
+    np.testing.assert_array_equal(tree.levels[0].assignment, reference.levels[0].assignment)
+
+
+def test_train_sample_fits_on_a_subset_and_assigns_all(monkeypatch):
+    sizes = []
+    real_train = kmeans_module.train_kmeans
+    monkeypatch.setattr(kmeans_module, "train_kmeans",
+                        lambda points, *a, **k: sizes.append(len(points)) or real_train(points, *a, **k))
+    x = blobs(seed=6, n=3000)
+    cfg = KMeansConfig(n_clusters=[25], n_resampling_steps=[0], sample_size=[1], n_iter=5, train_sample=500)
+    tree = fit_hierarchical_kmeans(x, cfg)
+    assert sizes == [500]
+    np.testing.assert_array_equal(tree.levels[0].assignment, brute_force_nearest(x, tree.levels[0].centroids))
+
+
+def test_split_makes_sub_clusters_inside_each_cluster():
+    rng = np.random.default_rng(7)
+    centers = np.array([[0, 0], [100, 0], [0, 100], [100, 100]], dtype=np.float32)
+    blob = rng.integers(0, 4, 800)
+    x = (centers[blob] + rng.standard_normal((800, 2)) * 5).astype(np.float32)
+    cfg = KMeansConfig(n_clusters=[4], n_resampling_steps=[0], sample_size=[1], n_iter=10, n_split=3)
+    tree = fit_hierarchical_kmeans(x, cfg, seed=0)
+    level = tree.levels[0]
+    assert level.n_clusters == 12
+    for c in range(12):
+        assert len(np.unique(blob[level.assignment == c])) == 1  # never straddles two blobs
+    np.testing.assert_allclose(level.distances, ((x - level.centroids[level.assignment]) ** 2).sum(1), rtol=1e-4)
+
+
+def test_float64_centroids_are_exact_member_means():
+    x = blobs(seed=8, n=600, n_blobs=5)
+    cfg = KMeansConfig(n_clusters=[5], n_resampling_steps=[0], sample_size=[1], n_iter=20, dtype="float64")
+    level = fit_hierarchical_kmeans(x, cfg).levels[0]
+    assert level.centroids.dtype == np.float64
+    for c in range(level.n_clusters):
+        np.testing.assert_allclose(level.centroids[c], x[level.assignment == c].astype(np.float64).mean(0),
+                                   rtol=0, atol=1e-9)
+
+
+def test_config_errors():
+    x = blobs(n=100)
+    with pytest.raises(ConfigError, match="sample_size has 1 entries"):
+        fit_hierarchical_kmeans(x, KMeansConfig(n_clusters=[10, 2], n_resampling_steps=[1, 1], sample_size=[3]))
+    with pytest.raises(ConfigError, match="train_sample"):
+        fit_hierarchical_kmeans(x, KMeansConfig(n_clusters=[10], n_resampling_steps=[1], sample_size=[3],
+                                                train_sample=5))
+    with pytest.raises(DataError, match="no cluster tree"):
+        ClusterTree.load("nowhere")
