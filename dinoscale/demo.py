@@ -1,47 +1,278 @@
-"""`dinoscale demo`: the whole pipeline on the embedded synthetic pool, stage by stage.
+"""`dinoscale demo`: the whole pipeline on the embedded synthetic pool, on a laptop CPU.
 
-Each stage writes into its own folder under the output directory and is skipped on a re-run
-once its `_SUCCESS.json` matches its configuration.
+    synthetic pool -> embedder (a short first training round on the raw pool, as DINOv2 embedded
+    its pool with a model it had trained) -> curation (embed, dedup, hierarchical k-means,
+    balanced sampling, shards) -> training on the curated shards (DINO, iBOT, KoLeo, and Gram
+    anchoring for the last part) -> evaluation against random init and raw pixels -> report.html
+
+Every stage writes into its own folder under the output directory and is skipped on a re-run
+once its marker matches its configuration; the trainer resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dinoscale.config import load_config
+from dinoscale.curation.dedup import load_dedup_result
+from dinoscale.curation.pipeline import run_curation, stage_dir
+from dinoscale.curation.report import thumbnail_row
 from dinoscale.data.pool import open_pool
-from dinoscale.data.synthetic import SyntheticSpec, make_synthetic_pool
+from dinoscale.data.synthetic import CLASS_NAMES, SyntheticSpec, make_synthetic_pool
+from dinoscale.eval.evaluate import evaluate_knn, evaluate_linear, open_labelled
+from dinoscale.eval.features import ArrayImages
+from dinoscale.eval.knn import knn_classify
+from dinoscale.eval.linear import linear_probe
+from dinoscale.eval.report import Section, plot_loss_curves, read_metrics, write_report
+from dinoscale.eval.visualize import montage, render_pictures
+from dinoscale.models import build_backbone, load_backbone
+from dinoscale.train.trainer import EXPORT_NAME, train
 from dinoscale.utils.io import write_json
 from dinoscale.utils.logging import get_logger
 from dinoscale.utils.stages import is_done, mark_done, read_marker
 
 log = get_logger(__name__)
 
-FULL_SPEC = SyntheticSpec(n_images=3000, image_size=64)
-QUICK_SPEC = SyntheticSpec(n_images=600, image_size=32, eval_per_class=15, n_corrupt=3)
+QUICK_OVERRIDES = [
+    "demo.pool_images=400", "demo.image_size=32", "demo.eval_per_class=10", "demo.embedder_iterations=30",
+    "demo.pictures=3", "train.max_iterations=60", "train.batch_size_per_gpu=32", "train.num_workers=1",
+    "curation.sampling.target_size=200", "curation.kmeans.n_clusters=[30,8]", "curation.kmeans.sample_size=[3,2]",
+    "curation.shards.shard_size=100", "eval.linear_epochs=30",
+]
 
 
-def make_pool_stage(out: Path, spec: SyntheticSpec) -> dict:
-    stage_dir = out / "synthetic"
-    if is_done(stage_dir, asdict(spec)):
-        log.info("synthetic pool: already done, skipping")
-        return read_marker(stage_dir)["counts"]
+def synthetic_spec(cfg: DictConfig) -> SyntheticSpec:
+    return SyntheticSpec(n_images=cfg.demo.pool_images, image_size=cfg.demo.image_size,
+                         eval_per_class=cfg.demo.eval_per_class, n_corrupt=max(3, cfg.demo.pool_images // 500),
+                         seed=cfg.seed)
+
+
+def pool_stage(out: Path, spec: SyntheticSpec) -> Path:
+    directory = out / "synthetic"
+    if not is_done(directory, asdict(spec)):
+        start = time.perf_counter()
+        summary = make_synthetic_pool(directory, spec)
+        mark_done(directory, asdict(spec), {"n_items": summary["n_items"]}, time.perf_counter() - start)
+        log.info("synthetic pool: %d images written", summary["n_items"])
+    return directory
+
+
+def train_stage(cfg: DictConfig, run_dir: Path, dataset: Path, overrides: Sequence[str]) -> Path:
+    """Train (resuming if interrupted) unless the run's export exists for this config."""
+    run_cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"train.dataset_path={dataset}",
+                                                           f"train.output_dir={run_dir}", *overrides]))
+    export = run_dir / EXPORT_NAME
+    if is_done(run_dir, run_cfg) and export.exists():
+        log.info("%s: already trained, skipping", run_dir.name)
+        return export
     start = time.perf_counter()
-    summary = make_synthetic_pool(stage_dir, spec)
-    scan = open_pool(stage_dir / "pool").scan()
-    counts = {"n_items": summary["n_items"], "readable": scan.readable, "skipped": scan.skipped,
-              "class_counts": summary["class_counts"], "n_duplicate_copies": summary["n_duplicate_copies"]}
-    mark_done(stage_dir, asdict(spec), counts, time.perf_counter() - start)
-    log.info("synthetic pool: %s", scan)
-    return counts
+    train(run_cfg)
+    mark_done(run_dir, run_cfg, {"iterations": len(read_metrics(run_dir / "metrics.jsonl"))},
+              time.perf_counter() - start)
+    return export
+
+
+def embedder_overrides(cfg: DictConfig) -> list[str]:
+    return [f"train.max_iterations={cfg.demo.embedder_iterations}", "gram.use_loss=false"]
+
+
+def final_overrides(cfg: DictConfig) -> list[str]:
+    """Gram anchoring for the last `demo.gram_fraction` of the run, its teacher taken at that point."""
+    iterations = cfg.train.max_iterations
+    first = int(iterations * (1 - cfg.demo.gram_fraction))
+    return ["gram.use_loss=true", f"gram.it_first_update={first}", f"gram.update_frequency={max(iterations, 1)}"]
+
+
+def normalised_entropy(counts: Sequence[int]) -> float:
+    p = np.asarray(counts, dtype=np.float64)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum() / math.log(len(counts))) if len(counts) > 1 else 1.0
+
+
+def duplicate_scores(dedup_dir: Path, synthetic_dir: Path, pool_keys: list[str]) -> dict[str, float]:
+    """Pairwise precision and recall of the found duplicate groups against the ground truth."""
+    truth_groups = json.loads((synthetic_dir / "duplicates.json").read_text())
+    found_groups = load_dedup_result(dedup_dir).groups
+
+    def pairs(groups: list[list[str]]) -> set[tuple[str, str]]:
+        return {(a, b) for g in groups for a in g for b in g if a < b}
+
+    truth = pairs([[g["source"], *(c["key"] for c in g["copies"])] for g in truth_groups])
+    found = pairs([[pool_keys[int(i)] for i in group] for group in found_groups])
+    hits = len(truth & found)
+    return {"precision": hits / max(len(found), 1), "recall": hits / max(len(truth), 1),
+            "true_pairs": len(truth), "found_pairs": len(found), "groups_found": len(found_groups)}
+
+
+def class_histograms(synthetic_dir: Path, pool_keys: list[str], selected: np.ndarray) -> dict[str, list[int]]:
+    """Class counts (from the labels hidden from curation) of the raw pool and the curated set."""
+    labels = json.loads((synthetic_dir / "pool_labels.json").read_text())
+    n_classes = len(json.loads((synthetic_dir / "synthetic.json").read_text())["class_names"])
+    raw = np.bincount([v for v in labels.values() if v >= 0], minlength=n_classes)
+    curated = np.bincount([labels[pool_keys[int(i)]] for i in selected if labels[pool_keys[int(i)]] >= 0],
+                          minlength=n_classes)
+    return {"raw": raw.tolist(), "curated": curated.tolist()}
+
+
+def pixel_features(images) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw pixels (downsampled to 16x16) as the weakest baseline representation."""
+    rows, labels = [], []
+    for i in range(len(images)):
+        image = images.load(i)
+        if image is not None:
+            rows.append(np.asarray(image.resize((16, 16)), dtype=np.float32).ravel() / 255.0)
+            labels.append(images.labels[i])
+    x = torch.from_numpy(np.stack(rows))
+    return x - x.mean(0), torch.tensor(labels)
+
+
+def evaluation_stage(cfg: DictConfig, out: Path, teacher: Path, synthetic_dir: Path) -> dict[str, dict]:
+    directory = out / "eval"
+    key = {"teacher": str(teacher), "mtime": teacher.stat().st_mtime, "eval": OmegaConf.to_container(cfg.eval)}
+    if is_done(directory, key):
+        return read_marker(directory)["counts"]
+    start = time.perf_counter()
+    train_images = open_labelled(synthetic_dir / "eval_train", "train")
+    test_images = open_labelled(synthetic_dir / "eval_test", "val")
+    torch.manual_seed(cfg.seed)
+    models = {"trained teacher": load_backbone(teacher), "random init": build_backbone(cfg.student)}
+    results: dict[str, dict] = {}
+    for name, model in models.items():
+        model.eval()
+        knn = evaluate_knn(model, train_images, test_images, cfg.eval)
+        linear = evaluate_linear(model, train_images, test_images, cfg.eval)
+        results[name] = {"knn_top1": {str(k): v for k, v in knn.top1.items()}, "linear_top1": linear.test_top1}
+    train_x, train_y = pixel_features(train_images)
+    test_x, test_y = pixel_features(test_images)
+    knn = knn_classify(train_x, train_y, test_x, test_y, ks=list(cfg.eval.knn_k), temperature=cfg.eval.knn_temperature)
+    linear = linear_probe(train_x, train_y, test_x, test_y, list(cfg.eval.linear_lrs), list(cfg.eval.linear_weight_decays),
+                          cfg.eval.linear_epochs, cfg.eval.linear_batch_size)
+    results["raw pixels"] = {"knn_top1": {str(k): v for k, v in knn.top1.items()}, "linear_top1": linear.test_top1}
+    mark_done(directory, key, results, time.perf_counter() - start)
+    return results
 
 
 def run_demo(out: str | Path, quick: bool = False, overrides: Sequence[str] = ()) -> dict:
     out = Path(out)
-    spec = QUICK_SPEC if quick else FULL_SPEC
-    summary = {"pool": make_pool_stage(out, spec)}
+    cfg = load_config("demo", [*(QUICK_OVERRIDES if quick else []), *overrides])
+    started = time.perf_counter()
+
+    synthetic_dir = pool_stage(out, synthetic_spec(cfg))
+    pool_dir = synthetic_dir / "pool"
+    log.info("stage 1/5 done: synthetic pool in %s", pool_dir)
+
+    embedder = train_stage(cfg, out / "embedder", pool_dir, embedder_overrides(cfg))
+    log.info("stage 2/5 done: embedder trained on the raw pool")
+
+    curate_cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([
+        f"curation.pool={pool_dir}", f"curation.output_dir={out / 'curate'}",
+        f"curation.embed.backbone={embedder}"]))
+    curation = run_curation(curate_cfg)
+    shards_dir = stage_dir(curate_cfg, "shards")
+    log.info("stage 3/5 done: curated shards in %s", shards_dir)
+
+    teacher = train_stage(cfg, out / "train", shards_dir, final_overrides(cfg))
+    log.info("stage 4/5 done: teacher trained on the curated shards")
+
+    evaluation = evaluation_stage(cfg, out, teacher, synthetic_dir)
+    log.info("stage 5/5 done: evaluation %s", evaluation)
+
+    summary = build_summary(cfg, out, synthetic_dir, curate_cfg, curation, evaluation)
+    summary["seconds"] = time.perf_counter() - started
     write_json(out / "summary.json", summary)
-    log.info("demo finished; summary in %s", out / "summary.json")
+    write_demo_report(cfg, out, synthetic_dir, curate_cfg, teacher, summary)
+    log.info("demo finished in %.0f s: %s", summary["seconds"], out / "report.html")
     return summary
+
+
+def build_summary(cfg: DictConfig, out: Path, synthetic_dir: Path, curate_cfg: DictConfig, curation: dict,
+                  evaluation: dict) -> dict[str, Any]:
+    pool = open_pool(synthetic_dir / "pool")
+    selected = np.load(stage_dir(curate_cfg, "sample") / "selected.npy")
+    histograms = class_histograms(synthetic_dir, pool.keys, selected)
+    metrics = read_metrics(out / "train" / "metrics.jsonl")
+    return {
+        "pool": {"n_items": len(pool), "readable": curation["embed"].get("n_valid", None)},
+        "curation": {name: counts for name, counts in curation.items()},
+        "duplicates": duplicate_scores(stage_dir(curate_cfg, "dedup"), synthetic_dir, pool.keys),
+        "class_histogram": histograms,
+        "normalised_class_entropy": {k: normalised_entropy(v) for k, v in histograms.items()},
+        "training": {"iterations": len(metrics), "final_total_loss": metrics[-1]["total_loss"] if metrics else None,
+                     "mean_images_per_s": float(np.mean([m["images_per_s"] for m in metrics[1:]] or [0.0]))},
+        "evaluation": evaluation,
+    }
+
+
+def _bar_chart(histograms: dict[str, list[int]], names: Sequence[str]) -> bytes:
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3), sharey=False)
+    for ax, (title, counts) in zip(axes, histograms.items()):
+        ax.bar(range(len(counts)), counts, color="tab:blue" if title == "raw" else "tab:green")
+        ax.set_xticks(range(len(counts)), names, rotation=60, fontsize=7)
+        ax.set_title(f"{title}: normalised entropy {normalised_entropy(counts):.3f}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_demo_report(cfg: DictConfig, out: Path, synthetic_dir: Path, curate_cfg: DictConfig, teacher: Path,
+                      summary: dict) -> Path:
+    pool = open_pool(synthetic_dir / "pool")
+    selected = np.load(stage_dir(curate_cfg, "sample") / "selected.npy")
+    rng = np.random.default_rng(cfg.seed)
+    n_show = 12
+    dedup = load_dedup_result(stage_dir(curate_cfg, "dedup"))
+    groups = sorted(dedup.groups, key=lambda g: -len(g))[:4]
+    duplicates = summary["duplicates"]
+    entropy = summary["normalised_class_entropy"]
+    eval_rows = [["representation", "k-NN top-1", "linear top-1"]] + [
+        [name, _fmt_accuracy(r["knn_top1"]), _fmt_accuracy(r["linear_top1"])] for name, r in summary["evaluation"].items()]
+    test_images = open_labelled(synthetic_dir / "eval_test", "val")
+    pictures = render_pictures(load_backbone(teacher).eval(), test_images, image_size=cfg.eval.image_size,
+                               n_images=cfg.demo.pictures)
+    metrics = read_metrics(out / "train" / "metrics.jsonl")
+    sections = [
+        Section("Raw pool", f"{len(pool)} synthetic images with a long tail, duplicates and corrupt files.",
+                images={"raw samples": thumbnail_row(pool, rng.choice(len(pool), n_show, replace=False))}),
+        Section("Curated set", f"{len(selected)} images after dedup, hierarchical k-means and balanced sampling.",
+                images={"curated samples": thumbnail_row(pool, rng.choice(selected, n_show, replace=False))}),
+        Section("Duplicates", f"{duplicates['groups_found']} groups found; pairwise precision "
+                f"{duplicates['precision']:.3f}, recall {duplicates['recall']:.3f} against the ground truth.",
+                images={f"group {i}": thumbnail_row(pool, g[:8], highlight_first=True) for i, g in enumerate(groups)}),
+        Section("Class balance", f"Normalised class entropy (labels hidden from curation): raw {entropy['raw']:.3f}, "
+                f"curated {entropy['curated']:.3f}.",
+                images={"class histograms": _bar_chart(summary["class_histogram"], CLASS_NAMES)}),
+        Section("Cluster sizes per k-means level", "Before and after balanced sampling.",
+                images={"cluster sizes": (stage_dir(curate_cfg, "report") / "cluster_sizes.png").read_bytes()}),
+        Section("Training", f"{len(metrics)} iterations on the curated shards; Gram anchoring in the last "
+                f"{cfg.demo.gram_fraction:.0%}.", images={"loss curves": plot_loss_curves(metrics)}),
+        Section("Evaluation", "Held-out labelled split; the same architecture at random init and raw pixels "
+                "(16x16) as baselines.", table=eval_rows),
+        Section("Pictures", "PCA of patch features (first component separates the foreground) and CLS attention "
+                "of the last layer.", images=pictures),
+    ]
+    paths = write_report(out, "dinoscale demo", sections, summary)
+    return paths["html"]
+
+
+def _fmt_accuracy(value: float | dict[str, float]) -> str:
+    """Accuracies are in percent; k-NN gives one per k."""
+    if isinstance(value, dict):
+        return ", ".join(f"k={k}: {v:.1f}%" for k, v in value.items())
+    return f"{value:.1f}%"

@@ -20,7 +20,8 @@ class DINOLoss(PrototypeCrossEntropy):
         n_student, batch, _ = student_logits.shape
         n_teacher = teacher_probs.shape[0]
         log_probs = self.student_log_probs(student_logits)
-        pair_losses = -torch.einsum("sbk,tbk->st", log_probs, teacher_probs.float())
+        with torch.autocast(device_type=log_probs.device.type, enabled=False):  # einsum would run in bf16
+            pair_losses = -torch.einsum("sbk,tbk->st", log_probs, teacher_probs.float())
         n_pairs = n_student * n_teacher
         if ignore_diagonal:
             n_diagonal = min(n_student, n_teacher)

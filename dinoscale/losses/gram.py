@@ -31,9 +31,10 @@ class GramLoss(nn.Module):
         self.remove_only_teacher_neg = remove_only_teacher_neg
 
     def forward(self, student_patches: Tensor, teacher_patches: Tensor) -> Tensor:
-        student_sim = self._gram(student_patches.float())
-        with torch.no_grad():
-            teacher_sim = self._gram(teacher_patches.float())
+        with torch.autocast(device_type=student_patches.device.type, enabled=False):  # float32 Gram matrices
+            student_sim = self._gram(student_patches.float())
+            with torch.no_grad():
+                teacher_sim = self._gram(teacher_patches.float())
         if self.remove_neg:
             student_sim = student_sim.clamp_min(0.0)
             teacher_sim = teacher_sim.clamp_min(0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -53,7 +54,7 @@ class KoLeoLoss(nn.Module):
         if world % group:
             raise ConfigError(f"dino.koleo_distributed_replicas = {group} does not divide the world size {world}; "
                               "choose a divisor of the number of ranks, or 0 for all ranks")
-        gathered = torch.distributed.nn.functional.all_gather(x)
+        gathered = dist_fn.all_gather(x)
         rank = distributed.rank()
         first_rank = rank - rank % group
         candidates = torch.cat(gathered[first_rank:first_rank + group], dim=0)
