@@ -510,3 +510,7 @@ def reference_markdown() -> str:
 
     walk(Config, "")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

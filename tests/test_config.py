@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from dinoscale.cli import main
@@ -59,3 +61,9 @@ def test_reference_lists_every_knob():
     table = reference_markdown()
     for key in ("`student.n_storage_tokens`", "`gram.remove_neg`", "`curation.kmeans.n_clusters`", "`train.centering`"):
         assert key in table
+
+
+def test_readme_reference_is_generated_from_the_schema():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("<!-- config-reference:start -->\n")[1].split("<!-- config-reference:end -->")[0]
+    assert block.strip() == reference_markdown().strip(), "regenerate it: python -m dinoscale.config"
