@@ -23,8 +23,8 @@ from PIL import Image
 from dinoscale.config import load_config
 from dinoscale.curation import embed
 from dinoscale.data.pool import open_pool
-from dinoscale.eval.features import cpu_has_native_bf16
 from dinoscale.models import build_backbone, save_backbone
+from dinoscale.utils.device import cpu_has_native_bf16
 
 VIT_S16 = dict(arch="vit_small", patch_size=16, img_size=224)
 TINY = dict(arch="vit_small", embed_dim=64, depth=4, num_heads=4, patch_size=4, img_size=32)

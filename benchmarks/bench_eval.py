@@ -21,10 +21,11 @@ import time
 import numpy as np
 import torch
 
-from dinoscale.eval.features import ArrayImages, cpu_has_native_bf16, extract_features
+from dinoscale.eval.features import ArrayImages, extract_features
 from dinoscale.eval.knn import knn_search
 from dinoscale.eval.linear import train_linear_classifiers
 from dinoscale.models.presets import build_backbone
+from dinoscale.utils.device import cpu_has_native_bf16
 
 KNN_VARIANTS = {"chunked_default": (256, 65536), "chunked_small": (64, 8192), "dense": None}
 

@@ -64,7 +64,7 @@ def worker_lightly(pool: str, batch: int, steps: int) -> dict:
     from dinoscale.data.augment import MultiCropAugmentation
     from dinoscale.data.pool import open_pool
     from dinoscale.data.stream import BatchStream, Source, make_loader
-    from dinoscale.eval.features import autocast_dtype
+    from dinoscale.utils.device import autocast_dtype
     from dinoscale.models import build_backbone
     from dinoscale.train.metrics import backbone_forward_flops, head_forward_flops, measure_matmul_peak
 
@@ -123,7 +123,9 @@ def _run(args: list[str], nproc: int = 1) -> dict:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                    "-m", "benchmarks.bench_train", *args]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     return results[0]
 

@@ -29,11 +29,10 @@ from dinoscale.curation.report import thumbnail_row
 from dinoscale.data.pool import open_pool
 from dinoscale.data.synthetic import CLASS_NAMES, SyntheticSpec, make_synthetic_pool
 from dinoscale.eval.evaluate import evaluate_knn, evaluate_linear, open_labelled
-from dinoscale.eval.features import ArrayImages
 from dinoscale.eval.knn import knn_classify
 from dinoscale.eval.linear import linear_probe
 from dinoscale.eval.report import Section, plot_loss_curves, read_metrics, write_report
-from dinoscale.eval.visualize import montage, render_pictures
+from dinoscale.eval.visualize import render_pictures
 from dinoscale.models import build_backbone, load_backbone
 from dinoscale.train.trainer import EXPORT_NAME, train
 from dinoscale.utils.io import write_json

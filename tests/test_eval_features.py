@@ -13,8 +13,9 @@ from PIL import Image
 
 from dinoscale.data.pool import open_pool
 from dinoscale.errors import ConfigError
-from dinoscale.eval.features import ArrayImages, autocast_dtype, extract_features
+from dinoscale.eval.features import ArrayImages, extract_features
 from dinoscale.models.presets import build_backbone
+from dinoscale.utils.device import autocast_dtype
 
 TINY = {"arch": "vit_small", "embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 4, "img_size": 16}
 

@@ -38,8 +38,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinoscale.data.pool import ImagePool, decode_image, open_pool
 from dinoscale.errors import ConfigError, DataError
-from dinoscale.eval.features import default_device, eval_transform, inference_autocast
+from dinoscale.eval.features import eval_transform
 from dinoscale.models import load_backbone
+from dinoscale.utils.device import default_device, inference_autocast
 from dinoscale.utils.io import atomic_path
 from dinoscale.utils.logging import get_logger, progress
 

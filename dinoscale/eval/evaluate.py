@@ -16,9 +16,10 @@ from torch import nn
 
 from dinoscale.data.pool import ImagePool, open_pool
 from dinoscale.errors import DataError
-from dinoscale.eval.features import FeatureSet, LabelledImages, default_device, extract_features
+from dinoscale.eval.features import FeatureSet, LabelledImages, extract_features
 from dinoscale.eval.knn import KnnResult, knn_classify
 from dinoscale.eval.linear import LinearProbeResult, linear_probe
+from dinoscale.utils.device import default_device
 from dinoscale.utils.logging import get_logger
 
 log = get_logger(__name__)

@@ -8,8 +8,6 @@ all-gathered, so every rank ends with the features of the whole pool in pool ord
 
 from __future__ import annotations
 
-import functools
-import sys
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -24,6 +22,7 @@ from torchvision import transforms
 from dinoscale.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from dinoscale.errors import ConfigError, DataError
 from dinoscale.losses.distributed import is_distributed, rank, world_size
+from dinoscale.utils.device import default_device, inference_autocast
 from dinoscale.utils.logging import get_logger, progress
 
 RESIZE_RATIO = 256 / 224
@@ -113,42 +112,6 @@ def to_model_input() -> transforms.Compose:
 def eval_transform(image_size: int) -> transforms.Compose:
     """The standard evaluation transform: `eval_crop` then `to_model_input`."""
     return transforms.Compose([eval_crop(image_size), to_model_input()])
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """avx512_bf16 or AMX: bf16 matmuls run natively (elsewhere bf16 on CPU is emulated and slow)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """bf16 when asked or when `auto` finds hardware support, None for fp32; never fp16."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision != "auto":
-        raise ConfigError(f"precision {precision!r} is unknown; choose auto, bf16 or fp32")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
-
-
-def inference_autocast(device: torch.device, precision: str = "auto") -> torch.autocast:
-    """The autocast context of evaluation forwards (disabled for fp32)."""
-    dtype = autocast_dtype(device, precision)
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def check_image_size(model: nn.Module, image_size: int) -> None:

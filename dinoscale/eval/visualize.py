@@ -20,9 +20,9 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 from dinoscale.errors import DataError
-from dinoscale.eval.features import (LabelledImages, check_image_size, default_device, eval_crop,
-                                     inference_autocast, to_model_input)
+from dinoscale.eval.features import LabelledImages, check_image_size, eval_crop, to_model_input
 from dinoscale.models.attention import apply_rope_to_patches
+from dinoscale.utils.device import default_device, inference_autocast
 from dinoscale.utils.io import write_bytes
 
 PAD = 2

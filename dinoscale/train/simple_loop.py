@@ -18,11 +18,11 @@ from dinoscale.data.collate import collate_data_and_cast
 from dinoscale.data.masking import MaskingGenerator
 from dinoscale.data.pool import ImagePool
 from dinoscale.errors import DataError
-from dinoscale.eval.features import autocast_dtype, default_device
 from dinoscale.models.loading import save_backbone
 from dinoscale.train.metrics import MetricsLogger
 from dinoscale.train.optim import apply_schedules, build_optimizer, clip_gradients
 from dinoscale.train.ssl import SSLMetaArch
+from dinoscale.utils.device import autocast_dtype, default_device
 from dinoscale.utils.logging import get_logger
 
 log = get_logger(__name__)

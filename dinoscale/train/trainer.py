@@ -25,7 +25,6 @@ from dinoscale.data.collate import collate_data_and_cast
 from dinoscale.data.pool import open_pool
 from dinoscale.data.stream import BatchStream, Source, make_loader
 from dinoscale.errors import ConfigError, DinoscaleError
-from dinoscale.eval.features import autocast_dtype
 from dinoscale.models.loading import load_backbone, save_backbone
 from dinoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dinoscale.train.distributed import DistInfo, init_distributed
@@ -35,6 +34,7 @@ from dinoscale.train.optim import apply_schedules, build_optimizer, clip_gradien
 from dinoscale.train.parallel import parallelize
 from dinoscale.train.simple_loop import build_mask_generator
 from dinoscale.train.ssl import SSLMetaArch
+from dinoscale.utils.device import autocast_dtype
 from dinoscale.utils.io import write_text
 from dinoscale.utils.logging import get_logger
 
