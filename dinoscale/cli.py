@@ -97,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dinoscale.curation.cli import add_curate_parser
     from dinoscale.eval.cli import add_eval_commands
+    from dinoscale.slurm.cli import add_submit_parser
 
     add_curate_parser(sub)
+    add_submit_parser(sub)
 
     add_eval_commands(sub.add_parser("eval", help="k-NN, linear probe, pictures and reports"))
 

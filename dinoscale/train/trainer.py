@@ -61,7 +61,9 @@ class StopFlag:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signum
+        # submitit sends SIGTERM then USR2 on preemption: the USR2 (requeue) must win
+        if self.signal != signal.SIGUSR2:
+            self.signal = signum
 
     def __bool__(self) -> bool:
         return self.signal is not None
