@@ -44,13 +44,14 @@ def _config(pool: str, batch: int, steps: int, checkpointing: str, out: str):
     ])
 
 
-def worker_dinoscale(pool: str, batch: int, steps: int, checkpointing: str) -> dict:
+def worker_dinoscale(pool: str, batch: int, steps: int, checkpointing: str, out: str) -> dict:
     from dinoscale.eval.report import read_metrics
     from dinoscale.train.trainer import train
 
-    with tempfile.TemporaryDirectory() as out:
-        train(_config(pool, batch, steps, checkpointing, out))
-        metrics = read_metrics(Path(out) / "metrics.jsonl")
+    train(_config(pool, batch, steps, checkpointing, out))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}
+    metrics = read_metrics(Path(out) / "metrics.jsonl")  # rank 0 writes it
     timed = metrics[2:]  # the first steps include warm-up and worker start
     return {"images_per_s": sum(m["images_per_s"] for m in timed) / len(timed),
             "mfu": sum(m["mfu"] for m in timed) / len(timed)}
@@ -137,11 +138,12 @@ def main() -> None:
     parser.add_argument("--worker", choices=["dinoscale", "lightly"])
     parser.add_argument("--pool")
     parser.add_argument("--checkpointing", default="none")
+    parser.add_argument("--out", help="run directory of a worker")
     args = parser.parse_args()
 
     if args.worker:
         if args.worker == "dinoscale":
-            result = worker_dinoscale(args.pool, args.batch, args.steps, args.checkpointing)
+            result = worker_dinoscale(args.pool, args.batch, args.steps, args.checkpointing, args.out)
         else:
             result = worker_lightly(args.pool, args.batch, args.steps)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -155,11 +157,13 @@ def main() -> None:
         pool = str(Path(tmp) / "pool")
         common = ["--pool", pool, "--steps", str(args.steps)]
         lightly = _run(["--worker", "lightly", "--batch", str(args.batch), *common])
-        one = _run(["--worker", "dinoscale", "--batch", str(args.batch), *common])
-        two = _run(["--worker", "dinoscale", "--batch", str(args.batch // 2), *common], nproc=2)
-        full_ac = _run(["--worker", "dinoscale", "--batch", str(args.batch), "--checkpointing", "full", *common])
-        selective_ac = _run(["--worker", "dinoscale", "--batch", str(args.batch), "--checkpointing", "selective",
-                             *common])
+        runs = {}
+        for name, batch, nproc, checkpointing in (("one", args.batch, 1, "none"), ("two", args.batch // 2, 2, "none"),
+                                                  ("full", args.batch, 1, "full"),
+                                                  ("selective", args.batch, 1, "selective")):
+            runs[name] = _run(["--worker", "dinoscale", "--batch", str(batch), "--checkpointing", checkpointing,
+                               "--out", str(Path(tmp) / name), *common], nproc=nproc)
+        one, two, full_ac, selective_ac = runs["one"], runs["two"], runs["full"], runs["selective"]
     print(json.dumps({
         "benchmark": "train_step",
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
