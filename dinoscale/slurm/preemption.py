@@ -48,6 +48,7 @@ from typing import Any, NoReturn
 from submitit import JobEnvironment
 
 from dinoscale.utils.logging import get_logger
+from dinoscale.utils.requeue import hand_over
 
 log = get_logger(__name__)
 
@@ -142,6 +143,6 @@ class PreemptionGuard:
         self._disarm_grace()
         submitit_handler = self._previous.get(self.preempt_signal)
         if callable(submitit_handler):
-            submitit_handler(self.preempt_signal, None)  # rank 0 requeues and exits; other ranks return
+            hand_over(submitit_handler, self.preempt_signal)  # rank 0 requeues and exits; other ranks return
             raise SystemExit(0)
         raise SystemExit(128 + self.preempt_signal)

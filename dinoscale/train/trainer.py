@@ -37,6 +37,7 @@ from dinoscale.train.ssl import SSLMetaArch
 from dinoscale.utils.device import autocast_dtype
 from dinoscale.utils.io import write_text
 from dinoscale.utils.logging import get_logger
+from dinoscale.utils.requeue import hand_over
 
 log = get_logger(__name__)
 
@@ -72,7 +73,7 @@ class StopFlag:
         """Call the previous handler of the received signal, if there was one."""
         previous = self._previous.get(self.signal)
         if callable(previous):
-            previous(self.signal, None)
+            hand_over(previous, self.signal)
 
 
 def _all_ranks_agree(*flags: bool) -> list[bool]:
