@@ -204,6 +204,8 @@ class TrainConfig:
                                 choices=["auto", "bf16", "fp32"])
     activation_checkpointing: str = knob("none", "recompute blocks in backward", choices=["none", "selective", "full"])
     compile: bool = knob(False, "torch.compile each transformer block")
+    peak_flops: Optional[float] = knob(None, "matmul FLOP/s of one rank, the MFU denominator (null: measured at "
+                                             "start-up, best of several short runs)", min=0.0)
     log_period_iterations: int = knob(10, "log a metrics line every N iterations", min=1)
 
 

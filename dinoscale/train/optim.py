@@ -73,10 +73,16 @@ def fuse_params_groups(groups: Iterable[dict[str, Any]],
     return list(fused.values())
 
 
+# devices with a fused AdamW kernel: one kernel per parameter group instead of a dozen per parameter
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
 def build_optimizer(student: nn.ModuleDict, cfg: Any) -> torch.optim.AdamW:
     """AdamW over the student's parameter groups; lr and weight decay are set by `apply_schedules`."""
     groups = fuse_params_groups(get_params_groups(student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult))
-    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    fused = True if next(student.parameters()).device.type in FUSED_ADAMW_DEVICES else None  # None: torch's choice
+    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
+                             fused=fused)
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, schedules: Schedules, iteration: int) -> dict[str, float]:
@@ -97,5 +103,7 @@ def clip_gradients(student: nn.ModuleDict, max_norm: float) -> dict[str, float]:
         params = [p for p in module.parameters() if p.grad is not None]
         if params and max_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            norms[name] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
-    return norms
+            norms[name] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP2
+    if not norms:
+        return {}
+    return dict(zip(norms, torch.stack(list(norms.values())).tolist()))  # one host sync

@@ -83,8 +83,8 @@ class SSLMetaArch(nn.Module):
             for student_param, teacher_param in pairs:
                 student_params.append(_local(student_param))
                 teacher_params.append(_local(teacher_param))
-        torch._foreach_mul_(teacher_params, momentum)
-        torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+        # one pass over the weights: teacher + (1 - momentum) * (student - teacher)
+        torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
 
     @torch.no_grad()
     def update_gram_teacher(self) -> None:
@@ -133,10 +133,14 @@ class SSLMetaArch(nn.Module):
             gram_crops = batch.get("collated_gram_teacher_crops")
             gram_input = global_crops if gram_crops is None else gram_crops.to(device, non_blocking=True)
             gram_targets = self.gram_teacher_patches(gram_input, student_out["global_patch_tokens"].shape[1])
-        total, metrics = self.loss_terms(teacher_out, student_out, masks_weight, gram_targets)
+        total, terms = self.loss_terms(teacher_out, student_out, masks_weight, gram_targets)
         total.backward()
-        metrics.update(teacher_temp=teacher_temp, teacher_entropy=teacher_out["entropy"],
-                       teacher_marginal_entropy=teacher_out["marginal_entropy"])
+        tracked = {**terms, "total_loss": total, "teacher_entropy": teacher_out["entropy"],
+                   "teacher_marginal_entropy": teacher_out["marginal_entropy"]}
+        # one host sync for all values (a float() per value would wait for the device each time)
+        metrics = dict(zip(tracked, torch.stack([v.detach().float() for v in tracked.values()]).tolist()))
+        weights = self.loss_weights(student_out["local_cls_logits"].shape[0])
+        metrics.update({f"{name}_weight": weights[name] for name in terms}, teacher_temp=teacher_temp)
         return total.detach(), metrics
 
     @torch.no_grad()
@@ -210,8 +214,8 @@ class SSLMetaArch(nn.Module):
         }
 
     def loss_terms(self, teacher_out: dict[str, Any], student_out: dict[str, Tensor], masks_weight: Tensor,
-                   gram_targets: Tensor | None) -> tuple[Tensor, dict[str, float]]:
-        """The weighted total and every term (unweighted) with its weight."""
+                   gram_targets: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted total and every term, unweighted (0-d tensors)."""
         n_local = student_out["local_cls_logits"].shape[0]
         weights = self.loss_weights(n_local)
         terms: dict[str, Tensor] = {
@@ -230,10 +234,7 @@ class SSLMetaArch(nn.Module):
         if gram_targets is not None:
             terms["gram_loss"] = self.gram_loss(student_out["global_patch_tokens"], gram_targets)
         total = sum(weights[name] * value for name, value in terms.items())
-        metrics = {name: float(value.detach()) for name, value in terms.items()}
-        metrics.update({f"{name}_weight": weights[name] for name in terms})
-        metrics["total_loss"] = float(total.detach())
-        return total, metrics
+        return total, terms
 
 
 def _local(param: Tensor) -> Tensor:
@@ -246,11 +247,11 @@ def _head(in_dim: int, section: Any) -> nn.Module:
                       section.head_nlayers)
 
 
-def _softmax_entropies(logits: Tensor, temperature: float) -> dict[str, float]:
+def _softmax_entropies(logits: Tensor, temperature: float) -> dict[str, Tensor]:
     """Mean per-sample entropy of softmax(logits / T) (log K: uniform outputs) and the entropy of the
     batch-mean distribution (0: every sample on one prototype)."""
     log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
     probs = log_probs.exp()
     mean_probs = probs.mean(dim=0)
-    return {"entropy": float(-(probs * log_probs).sum(-1).mean()),
-            "marginal_entropy": float(-(mean_probs * mean_probs.clamp_min(1e-30).log()).sum())}
+    return {"entropy": -(probs * log_probs).sum(-1).mean(),
+            "marginal_entropy": -(mean_probs * mean_probs.clamp_min(1e-30).log()).sum()}
