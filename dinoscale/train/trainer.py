@@ -10,10 +10,8 @@ checkpoint; and the teacher backbone exported at the end.
 from __future__ import annotations
 
 import math
-import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,7 +35,7 @@ from dinoscale.train.ssl import SSLMetaArch
 from dinoscale.utils.device import autocast_dtype
 from dinoscale.utils.io import write_text
 from dinoscale.utils.logging import get_logger
-from dinoscale.utils.requeue import hand_over
+from dinoscale.utils.preemption import PreemptionGuard
 
 log = get_logger(__name__)
 
@@ -49,43 +47,8 @@ class NonFiniteLossError(DinoscaleError):
     """A loss term became NaN or inf."""
 
 
-class StopFlag:
-    """Set by SIGTERM or SIGUSR2. The loop checkpoints after the current step, then hands the
-    signal to the handler that was installed before (submitit's requeue, under SLURM)."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR2):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        # submitit sends SIGTERM then USR2 on preemption: the USR2 (requeue) must win
-        if self.signal != signal.SIGUSR2:
-            self.signal = signum
-
-    def __bool__(self) -> bool:
-        return self.signal is not None
-
-    def forward(self) -> None:
-        """Call the previous handler of the received signal, if there was one."""
-        previous = self._previous.get(self.signal)
-        if callable(previous):
-            hand_over(previous, self.signal)
-
-
-def _all_ranks_agree(*flags: bool) -> list[bool]:
-    """Any rank's flag for every rank (a rank that stops alone would hang the others)."""
-    if not dist.is_initialized():
-        return list(flags)
-    tensor = torch.tensor([float(f) for f in flags])
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in tensor.tolist()]
-
-
 def _mean_across_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Every value averaged over the ranks (one collective); a non-finite value on any rank stays non-finite."""
     if not dist.is_initialized():
         return metrics
     names = sorted(metrics)
@@ -152,8 +115,8 @@ def _non_finite_terms(metrics: dict[str, float]) -> list[str]:
 def _raise_non_finite(terms: list[str], iteration: int, run_dir: Path) -> None:
     last = latest_checkpoint(run_dir)
     keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-    raise NonFiniteLossError(f"{', '.join(terms) or 'a loss term on another rank'} became non-finite at iteration "
-                             f"{iteration}; {keep}. Lower optim.base_lr, raise optim.warmup_epochs or check the data.")
+    raise NonFiniteLossError(f"{', '.join(terms)} became non-finite at iteration {iteration}; {keep}. "
+                             "Lower optim.base_lr, raise optim.warmup_epochs or check the data.")
 
 
 def _load_pretrained(model: SSLMetaArch, path: str) -> None:
@@ -200,53 +163,51 @@ def train(cfg: DictConfig) -> Path | None:
         log.info("resumed from %s at iteration %d", checkpoint, start)
 
     n_iterations = total_iterations(cfg)
-    stop = StopFlag()
-    stop.install()
     metrics_log = MetricsLogger(run_dir, enabled=dist_info.is_main)
-    peak_flops = measure_matmul_peak(dist_info.device, compute_dtype or torch.float32, seconds=0.5)
+    peak_flops = cfg.train.peak_flops or measure_matmul_peak(dist_info.device, compute_dtype or torch.float32)
     batches = iter(make_loader(build_stream(cfg, dist_info, start), cfg.train.num_workers))
     autocast = torch.autocast(dist_info.device.type, dtype=compute_dtype or torch.bfloat16,
                               enabled=compute_dtype is not None)
 
-    iteration = start - 1
-    for iteration in range(start, n_iterations):
-        step_start = time.perf_counter()
-        batch = next(batches)
-        scheduled = apply_schedules(optimizer, model.schedules, iteration)
-        optimizer.zero_grad(set_to_none=True)
-        torch.manual_seed(derive_seed(cfg.seed, _MODEL_RNG_KEY, iteration, dist_info.rank))  # drop path
-        with autocast:
-            _, metrics = model.forward_backward(batch, iteration)
-        bad_terms = _non_finite_terms(metrics)
-        stopping, non_finite = _all_ranks_agree(bool(stop), bool(bad_terms))
-        if non_finite:
-            _raise_non_finite(bad_terms, iteration, run_dir)
-        norms = clip_gradients(model.student, cfg.optim.clip_grad)
-        optimizer.step()
-        momentum = model.schedules.teacher_momentum(iteration)
-        model.update_teacher(momentum)
+    with PreemptionGuard() as guard:  # SIGTERM / SIGUSR2: checkpoint at the end of the step, then stop
+        for iteration in range(start, n_iterations):
+            step_start = time.perf_counter()
+            batch = next(batches)
+            scheduled = apply_schedules(optimizer, model.schedules, iteration)
+            optimizer.zero_grad(set_to_none=True)
+            torch.manual_seed(derive_seed(cfg.seed, _MODEL_RNG_KEY, iteration, dist_info.rank))  # drop path
+            with autocast:
+                _, metrics = model.forward_backward(batch, iteration)
+            metrics = _mean_across_ranks(metrics)
+            bad_terms = _non_finite_terms(metrics)
+            if bad_terms:
+                _raise_non_finite(bad_terms, iteration, run_dir)
+            norms = clip_gradients(model.student, cfg.optim.clip_grad)
+            optimizer.step()
+            momentum = model.schedules.teacher_momentum(iteration)
+            model.update_teacher(momentum)
 
-        seconds = time.perf_counter() - step_start
-        metrics = _mean_across_ranks(metrics)
-        metrics.update(scheduled, iteration=iteration, teacher_momentum=momentum, seconds=seconds,
-                       images_per_s=global_batch / seconds,
-                       mfu=step_flops(model, batch) / seconds / peak_flops,
-                       peak_memory_mb=peak_memory_mb(dist_info.device),
-                       **{f"grad_norm_{name}": value for name, value in norms.items()})
-        metrics_log.log(metrics)
-        if iteration % cfg.train.log_period_iterations == 0:
-            log.info("it %d/%d loss %.4f  %.1f img/s  mfu %.1f%%", iteration, n_iterations, metrics["total_loss"],
-                     metrics["images_per_s"], 100 * metrics["mfu"])
+            seconds = time.perf_counter() - step_start
+            metrics.update(scheduled, iteration=iteration, teacher_momentum=momentum, seconds=seconds,
+                           images_per_s=global_batch / seconds, peak_flops=peak_flops,
+                           mfu=step_flops(model, batch) / seconds / peak_flops,
+                           peak_memory_mb=peak_memory_mb(dist_info.device),
+                           **{f"grad_norm_{name}": value for name, value in norms.items()})
+            metrics_log.log(metrics)
+            if iteration % cfg.train.log_period_iterations == 0:
+                log.info("it %d/%d loss %.4f  %.1f img/s  mfu %.1f%%", iteration, n_iterations,
+                         metrics["total_loss"], metrics["images_per_s"], 100 * metrics["mfu"])
 
-        last = iteration == n_iterations - 1
-        if stopping or last or (iteration + 1) % cfg.train.checkpoint_period_iterations == 0:
-            save_checkpoint(run_dir, iteration, model, optimizer, {"global_batch": global_batch},
-                            cfg.train.keep_last_checkpoints)
-        if stopping:
-            log.info("stop requested: checkpoint at iteration %d written", iteration)
-            metrics_log.close()
-            stop.forward()
-            return None
+            stopping = guard.sync()
+            last = iteration == n_iterations - 1
+            if stopping or last or (iteration + 1) % cfg.train.checkpoint_period_iterations == 0:
+                save_checkpoint(run_dir, iteration, model, optimizer, {"global_batch": global_batch},
+                                cfg.train.keep_last_checkpoints)
+            if stopping:
+                log.info("stop requested: checkpoint at iteration %d written", iteration)
+                metrics_log.close()
+                guard.checkpoint_saved(stopping=True)  # under submitit, after USR2: requeue
+                return None
 
     metrics_log.close()
     export_teacher(model, run_dir / EXPORT_NAME, dist_info.is_main)
