@@ -223,8 +223,10 @@ class EmbedConfig:
     precision: str = knob("auto", "bf16 autocast where the hardware has it (auto), always, or never",
                           choices=["auto", "bf16", "fp32"])
     copy_detection: str = knob("", "a second embedding used only by dedup, as DINOv2 used a copy-detection model: "
-                                   "`pixels` or a weights file (empty: dedup uses the main embeddings)")
-    copy_detection_image_size: int = knob(8, "side of the images the copy-detection embedding sees", min=1)
+                                   "a weights file, `descriptor` (model-free: colour layout, gradient orientations "
+                                   "and colour histogram) or `pixels` (empty: dedup uses the main embeddings)")
+    copy_detection_image_size: int = knob(32, "side of the images the copy-detection embedding sees (32 suits "
+                                              "`descriptor`, 8 `pixels`)", min=1)
 
 
 @dataclass

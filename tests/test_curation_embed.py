@@ -9,6 +9,7 @@ from PIL import Image
 
 from dinoscale.config import load_config
 from dinoscale.curation import embed
+from dinoscale.curation.copy_descriptor import CopyDescriptorEmbedder
 from dinoscale.data.pool import open_pool
 from dinoscale.errors import ConfigError, DataError
 from dinoscale.eval.features import eval_transform
@@ -100,7 +101,7 @@ def test_backbone_embedding_from_weights_file_and_run_directory(pool_dir, weight
 def test_slices_reproduce_the_single_process_embedding_in_bf16(pool_dir, weights, tmp_path):
     path, _ = weights
     pool = open_pool(pool_dir)
-    cfg = embed_cfg(backbone=str(path), image_size=32, precision="bf16", copy_detection="pixels")
+    cfg = embed_cfg(backbone=str(path), image_size=32, precision="bf16", copy_detection="descriptor")
     embedders = embed.pool_embedders(cfg)
     whole = embed.embed_slice(pool, range(len(pool)), embedders, "", 4, 0)
     embed.save_slice(tmp_path / "whole", whole)
@@ -113,7 +114,7 @@ def test_slices_reproduce_the_single_process_embedding_in_bf16(pool_dir, weights
     (tmp_path / "merged").mkdir()
     counts = embed.merge_slices(slice_dirs, tmp_path / "merged")
     assert counts["items"] == 21 and counts["valid"] == 19
-    assert counts[f"{embed.MAIN}_dim"] == 32 and counts[f"{embed.COPY}_dim"] == 3 * 8 * 8
+    assert counts[f"{embed.MAIN}_dim"] == 32 and counts[f"{embed.COPY}_dim"] == CopyDescriptorEmbedder(32).dim
     for name in (embed.MAIN, embed.COPY, "valid", "content_hashes", "pixel_counts"):
         assert (tmp_path / "merged" / f"{name}.npy").read_bytes() == (tmp_path / "whole" / f"{name}.npy").read_bytes()
 

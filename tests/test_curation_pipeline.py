@@ -68,10 +68,9 @@ def shard_pool_keys(shard_dir: Path) -> list[str]:
     return keys
 
 
-def test_small_preset_finds_near_and_exact_duplicates(synthetic, tmp_path):
-    out = tmp_path / "run"
-    summary = pipeline.run_curation(curate_cfg(synthetic, out, "curation.sampling.target_size=150"))
-    assert list(summary) == list(pipeline.STAGES)
+def duplicate_labels(synthetic: Path, out: Path) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """Per pool item: its ground-truth group and the group dedup put it in (both named by one member),
+    and the (source, copy) pairs of exact copies."""
     pool = open_pool(synthetic / "pool")
     index = {key: i for i, key in enumerate(pool.keys)}
     truth = np.arange(len(pool))
@@ -85,6 +84,16 @@ def test_small_preset_finds_near_and_exact_duplicates(synthetic, tmp_path):
     members, offsets = np.load(out / "dedup" / "group_members.npy"), np.load(out / "dedup" / "group_offsets.npy")
     for lo, hi in zip(offsets[:-1], offsets[1:]):
         predicted[members[lo:hi]] = members[lo]
+    return truth, predicted, exact_pairs
+
+
+def test_small_preset_finds_near_and_exact_duplicates(synthetic, tmp_path):
+    out = tmp_path / "run"
+    summary = pipeline.run_curation(curate_cfg(synthetic, out, "curation.sampling.target_size=150"))
+    assert list(summary) == list(pipeline.STAGES)
+    pool = open_pool(synthetic / "pool")
+    index = {key: i for i, key in enumerate(pool.keys)}
+    truth, predicted, exact_pairs = duplicate_labels(synthetic, out)
     readable = np.load(out / "embed" / "valid.npy")
     corrupt = {index[k] for k in json.loads((synthetic / "corrupt.json").read_text())}
     assert set(np.flatnonzero(~readable)) == corrupt
@@ -105,6 +114,26 @@ def test_small_preset_finds_near_and_exact_duplicates(synthetic, tmp_path):
     assert all(keep[index[k]] for k in selected)
     html = (out / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3 and "Duplicate groups" in html
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_demo_dedup_finds_the_copies_in_a_64px_pool(tmp_path, seed):
+    """The demo preset's copy detection and dedup knobs on 400 synthetic images of 64 px (the demo's
+    size). These two pools defeat ImageNet-normalised pixels at 8 px with cosine 0.97 (seed 0:
+    precision 0.94; seed 5: recall 0.90)."""
+    synthetic = tmp_path / "synthetic"
+    make_synthetic_pool(synthetic, SyntheticSpec(n_images=400, image_size=64, eval_per_class=1, seed=seed))
+    out = tmp_path / "run"
+    cfg = load_config("demo", [f"curation.pool={synthetic / 'pool'}", f"curation.output_dir={out}",
+                               "curation.embed.backbone=pixels"])
+    assert cfg.curation.embed.copy_detection == "descriptor"
+    for stage in ("embed", "dedup"):
+        pipeline.run_stage(cfg, stage)
+    truth, predicted, _ = duplicate_labels(synthetic, out)
+    readable = np.load(out / "embed" / "valid.npy")
+    recall, precision = pairwise_scores(truth[readable], predicted[readable])
+    print(f"near-duplicate pairs: recall {recall:.3f} precision {precision:.3f}")
+    assert recall >= 0.95 and precision >= 0.99
 
 
 def test_balanced_sampling_raises_the_class_entropy(synthetic, tmp_path):

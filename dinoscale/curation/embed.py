@@ -9,9 +9,10 @@ patch tokens side by side (scaled so the whole vector has unit norm). The main e
 also come from a precomputed (N, D) file (`embeddings_file`).
 
 An optional second embedder (`copy_detection`) serves dedup only, as DINOv2 used a copy-
-detection model for deduplication. `pixels` at 8 px is a model-free one: on the synthetic pool
-it finds near copies (re-encodes, resizes, small crops, brightness shifts) at a cosine of about
-0.97 (see configs/curate/small.yaml for the measured recall and precision).
+detection model for deduplication. `descriptor` is a model-free one (`copy_descriptor`: colour
+layout, gradient orientations and colour histogram): at 32 px it finds the synthetic pool's near
+copies (re-encodes, resizes, small crops, brightness shifts) at a cosine of about 0.93 (see
+configs/demo.yaml for the measured recall and precision).
 
 Work is split into slices of whole batches (`embed_slice_range`), so the batches, and hence the
 bf16 numerics, are the same whatever the number of slices: slices 0..n-1 joined by
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from dinoscale.curation.copy_descriptor import CopyDescriptorEmbedder
 from dinoscale.data.pool import ImagePool, decode_image, open_pool
 from dinoscale.errors import ConfigError, DataError
 from dinoscale.eval.features import eval_transform
@@ -47,6 +49,8 @@ from dinoscale.utils.logging import get_logger, progress
 log = get_logger(__name__)
 
 PIXELS = "pixels"
+DESCRIPTOR = "descriptor"
+MODEL_FREE = (PIXELS, DESCRIPTOR)
 RUN_EXPORT = Path("export") / "teacher.pth"
 MAIN, COPY = "embeddings", "copy_embeddings"
 HASH_DTYPE = np.dtype("S64")
@@ -96,7 +100,7 @@ def backbone_weights(backbone: str, key: str = "curation.embed.backbone") -> Pat
     """The weights file named by `backbone`: a file, or RUN/export/teacher.pth of a dinoscale run directory."""
     if not backbone:
         raise ConfigError(f"{key} is empty; give a weights file, a dinoscale run directory, `pixels`, "
-                          "or set curation.embed.embeddings_file")
+                          "`descriptor`, or set curation.embed.embeddings_file")
     path = Path(backbone)
     if path.is_dir():
         if not (path / RUN_EXPORT).is_file():
@@ -104,16 +108,19 @@ def backbone_weights(backbone: str, key: str = "curation.embed.backbone") -> Pat
                               "that exported its teacher, or at a weights file")
         return path / RUN_EXPORT
     if not path.is_file():
-        raise ConfigError(f"{key} = {backbone} does not exist; give a weights file, a dinoscale run directory "
-                          "or `pixels`")
+        raise ConfigError(f"{key} = {backbone} does not exist; give a weights file, a dinoscale run directory, "
+                          "`pixels` or `descriptor`")
     return path
 
 
 def build_embedder(backbone: str, image_size: int, cfg: Any, key: str = "curation.embed.backbone",
                    device: torch.device | None = None) -> Embedder:
-    """`pixels` or a backbone, with the arch, features and precision of the `curation.embed` section `cfg`."""
+    """`pixels`, `descriptor` or a backbone, with the arch, features and precision of the `curation.embed`
+    section `cfg`."""
     if backbone == PIXELS:
         return PixelEmbedder(image_size)
+    if backbone == DESCRIPTOR:
+        return CopyDescriptorEmbedder(image_size)
     model = load_backbone(backbone_weights(backbone, key), arch=cfg.arch)
     patch = model.patch_size
     if image_size % patch:

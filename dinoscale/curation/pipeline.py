@@ -180,9 +180,9 @@ class _Run:
             source["pool"] = {"path": cur.pool, "n_items": len(self.pool), "keys": digest}
         if cur.embed.embeddings_file:
             source["embeddings_file"] = _path_fingerprint(cur.embed.embeddings_file)
-        elif cur.embed.backbone != embedding.PIXELS:
+        elif cur.embed.backbone not in embedding.MODEL_FREE:
             source["weights"] = _path_fingerprint(str(embedding.backbone_weights(cur.embed.backbone)))
-        if cur.embed.copy_detection not in ("", embedding.PIXELS):
+        if cur.embed.copy_detection not in ("", *embedding.MODEL_FREE):
             source["copy_detection"] = _path_fingerprint(str(embedding.backbone_weights(
                 cur.embed.copy_detection, "curation.embed.copy_detection")))
         if not source:
