@@ -182,6 +182,15 @@ def test_bf16_mixed_precision_trains(workdir):
     assert load_backbone(exported).embed_dim == 32
 
 
+@pytest.mark.slow
+def test_compiled_blocks_train_with_the_eager_losses(workdir, single_run):
+    # iterations 0-3 run every branch: student, teacher and (from iteration 3) the Gram teacher
+    cfg = load_config(str(workdir / "tiny.yaml"),
+                      _overrides(workdir, "compiled", "train.compile=true", "train.max_iterations=4"))
+    train(cfg)
+    _assert_same_losses(_losses(single_run), _losses(workdir / "compiled"), range(4), tol=1e-4)
+
+
 def test_export_and_load_backbone_give_identical_features(workdir, single_run):
     exported = load_backbone(single_run / "export" / "teacher.pth").eval()
     re_exported = load_backbone(export_run(single_run, workdir / "re_export.pth")).eval()
