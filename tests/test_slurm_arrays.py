@@ -29,7 +29,9 @@ def _sum_of_squares_slice(slice_dir, config, control_dir):
     return {"items": config["stop"] - config["start"]}
 
 
-def _merge(slice_dirs):
+def _merge(slice_dirs, ran_marker=None):
+    if ran_marker:
+        Path(ran_marker).touch()
     return sum(read_json(Path(d) / "part.json")["sum"] for d in slice_dirs)
 
 
@@ -65,3 +67,26 @@ def test_array_with_merge_and_rerun_of_a_cancelled_slice(slurm_cluster, tmp_path
     assert wait_for(jobs, poll_s=0.5, timeout_s=30) == [{"items": 300}, {"items": 400}, {"items": 300}]
     runs = Counter(int(i) for i in (control_dir / "runs.log").read_text().split())
     assert runs == {0: 1, 1: 2, 2: 1}, "only the cancelled slice ran again"
+
+
+def test_cancelling_a_pending_task_cancels_the_merge(slurm_cluster, tmp_path):
+    """One task at a time: while slice 0 is held, slice 2 is cancelled before it started. The merge
+    waits on the whole array, so it is cancelled too and never runs without slice 2."""
+    stage_dir, control_dir = tmp_path / "stage", tmp_path / "control"
+    control_dir.mkdir()
+    slices = [(str(stage_dir / f"slice_{i}"), {"index": i, "start": 10 * i, "stop": 10 * i + 10}, str(control_dir))
+              for i in range(3)]
+    executor = make_executor(tmp_path / "logs", time_min=10, array_parallelism=1)
+    (control_dir / "hold_0").touch()
+    jobs = submit_array(executor, StageTask(_sum_of_squares_slice), slices)
+    merge = submit(executor, _merge, [s[0] for s in slices], str(control_dir / "merge_ran"), after=jobs)
+    deadline = time.monotonic() + 60
+    while not (control_dir / "runs.log").exists():
+        assert time.monotonic() < deadline, "slice 0 never started"
+        time.sleep(0.2)
+    jobs[2].cancel()
+    (control_dir / "hold_0").unlink()
+    assert wait_for(jobs[:2], poll_s=0.5, timeout_s=120) == [{"items": 10}, {"items": 10}]
+    with pytest.raises(SlurmJobError, match="was cancelled"):
+        wait_for(merge, poll_s=0.5, timeout_s=60)
+    assert not (control_dir / "merge_ran").exists()

@@ -4,6 +4,7 @@ distributed environment of a task, the local executor, and stage slices that run
 import shutil
 import socket
 import sys
+from types import SimpleNamespace
 
 import cloudpickle
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from dinoscale.errors import SlurmError
 from dinoscale.slurm import (StageTask, check_slurm_reachable, distributed_env_from_slurm, dry_run_script,
                              make_executor, submit, wait_for)
+from dinoscale.slurm.jobs import _with_dependency
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the jobs' processes cannot import test modules
 
@@ -35,6 +37,15 @@ def test_dry_run_renders_requested_options_without_submitting(tmp_path):
         assert line in script.splitlines(), line
     assert "srun" in script and "--kill-on-bad-exit=1" in script and "submitit.core._submit" in script
     assert not list((tmp_path / "logs").glob("*.pkl")), "a dry run must not submit"
+
+
+@needs_srun
+def test_a_dependency_on_array_tasks_names_their_whole_array(tmp_path):
+    """A cancelled pending task leaves its array, which would release an afterok on the task itself."""
+    jobs = [SimpleNamespace(job_id=job_id) for job_id in ("41_0", "41_2", "57", "41_1")]
+    script = dry_run_script(_with_dependency(make_executor(tmp_path / "logs"), jobs), _add, 1, 2)
+    assert "#SBATCH --dependency=afterok:41:57" in script.splitlines()
+    assert "#SBATCH --kill-on-invalid-dep=yes" in script.splitlines()
 
 
 @needs_srun

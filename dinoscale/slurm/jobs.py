@@ -58,7 +58,8 @@ Jobs = submitit.Job | Sequence[submitit.Job]
 
 def submit(executor: submitit.Executor, fn: Callable[..., Any], *args: Any, after: Jobs | None = None,
            **kwargs: Any) -> submitit.Job:
-    """Submit `fn(*args, **kwargs)`; with `after`, it starts only once all of those jobs succeeded."""
+    """Submit `fn(*args, **kwargs)`; with `after`, it starts only once all of those jobs succeeded (for a
+    task of a job array: every task of that array)."""
     return _with_dependency(executor, after).submit(fn, *args, **kwargs)
 
 
@@ -92,9 +93,18 @@ def _with_dependency(executor: submitit.Executor, after: Jobs | None) -> submiti
     dependent = copy.deepcopy(executor)
     sbatch_options = dict(dependent.parameters.get("additional_parameters") or {})
     sbatch_options["kill-on-invalid-dep"] = "yes"
-    options = {"dependency": "afterok:" + ":".join(job.job_id for job in jobs),
-               "additional_parameters": sbatch_options}
+    options = {"dependency": "afterok:" + ":".join(_dependency_ids(jobs)), "additional_parameters": sbatch_options}
     if not isinstance(dependent, submitit.SlurmExecutor):  # an AutoExecutor names them slurm_*
         options = {f"slurm_{key}": value for key, value in options.items()}
     dependent.update_parameters(**options)
     return dependent
+
+
+def _dependency_ids(jobs: Sequence[submitit.Job]) -> list[str]:
+    """The SLURM ids to depend on: a plain job's own id, an array task's whole array (`123_4` -> `123`).
+
+    A pending array task that is cancelled leaves the array instead of failing, which would satisfy an
+    afterok on that task's own id and start the follow-up without it; the array's id is never satisfied
+    unless every task of the array succeeded.
+    """
+    return list(dict.fromkeys(job.job_id.split("_")[0] for job in jobs))
