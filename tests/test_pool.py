@@ -1,12 +1,13 @@
 import io
 import json
+import pickle
 import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from dinoscale.data.pool import FolderPool, PathListPool, TarShardPool, open_pool
+from dinoscale.data.pool import FolderPool, PathListPool, StringArray, TarShardPool, open_pool
 from dinoscale.errors import DataError
 
 
@@ -52,6 +53,7 @@ def test_three_layouts_give_same_keys_labels_and_pixels(labelled_images, tmp_pat
     assert [type(p) for p in pools] == [FolderPool, PathListPool, TarShardPool]
     for pool in pools:
         assert pool.keys == sorted(files)
+        assert isinstance(pool.keys, StringArray)  # no Python object per item (see StringArray)
         assert pool.class_names == ["cat", "dog"]
         assert pool.labels == [0, 0, 0, 1, 1, 1]
         for i, key in enumerate(pool.keys):
@@ -122,3 +124,18 @@ def test_missing_pool_and_bad_slice_raise_clear_errors(tmp_path):
     (tmp_path / "empty" / "x.png").write_bytes(b"")
     with pytest.raises(DataError, match="slice 3/3 is invalid"):
         open_pool(tmp_path / "empty").slice(3, 3)
+
+
+def test_string_array_reads_like_the_list_it_holds():
+    items = ["cat/im0", "", "dög/ímage 1", "x" * 300, "日本/写真"]
+    keys = StringArray(items)
+    assert len(keys) == 5 and list(keys) == items and keys == items and items == keys
+    assert [keys[i] for i in range(-5, 5)] == items + items
+    assert keys[1:4] == items[1:4] and keys[::-2] == items[::-2]
+    assert keys.index("dög/ímage 1") == 2 and "日本/写真" in keys and "cat" not in keys
+    assert keys[np.int64(4)] == "日本/写真" and isinstance(keys[0], str)
+    assert keys != items[:4] and keys != ["cat/im0", "", "dog", "x" * 300, "日本/写真"]
+    assert pickle.loads(pickle.dumps(keys)) == keys
+    with pytest.raises(IndexError):
+        keys[5]
+    assert list(StringArray([])) == [] and len(StringArray([])) == 0

@@ -17,7 +17,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -88,10 +88,71 @@ class PoolSummary:
         return f"{self.total} items, {self.readable} readable, skipped: {skips}"
 
 
+class StringArray(Sequence[str]):
+    """An immutable sequence of str held as one UTF-8 byte buffer plus offsets (numpy arrays).
+
+    A list of 10^8 str objects costs several GB per data-loader worker: every read touches an
+    object's reference count, so forked workers copy the pages they read. Here there is no Python
+    object per item; items are decoded on access.
+    """
+
+    def __init__(self, items: Iterable[str]):
+        encoded = [item.encode("utf-8") for item in items]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(item) for item in encoded], out=self._offsets[1:])
+        self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} items")
+        index = int(index) % n
+        return self._buffer[self._offsets[index]:self._offsets[index + 1]].tobytes().decode("utf-8")
+
+    def __iter__(self) -> Iterator[str]:
+        data = self._buffer.tobytes()
+        for start, stop in zip(self._offsets[:-1].tolist(), self._offsets[1:].tolist()):
+            yield data[start:stop].decode("utf-8")
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, StringArray):
+            return np.array_equal(self._offsets, other._offsets) and np.array_equal(self._buffer, other._buffer)
+        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # mutable-looking equality, like list
+
+    def __repr__(self) -> str:
+        head = ", ".join(repr(item) for item in self[:3])
+        return f"StringArray([{head}{', ...' if len(self) > 3 else ''}], {len(self)} items)"
+
+
+class PathArray(Sequence[Path]):
+    """Paths `root / name` (or `name` without a root) for names kept in a StringArray."""
+
+    def __init__(self, names: Iterable[str], root: Path | None = None):
+        self.names, self.root = StringArray(names), root
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        name = self.names[index]
+        return Path(name) if self.root is None else self.root / name
+
+
 class ImagePool:
     """Base class: subclasses provide `keys`, `_read(i)` and optionally labels."""
 
-    keys: list[str]
+    keys: Sequence[str]
     labels: list[int] | None = None
     class_names: list[str] | None = None
 
@@ -161,12 +222,13 @@ class FolderPool(ImagePool):
     def __init__(self, root: str | os.PathLike, **kwargs):
         super().__init__(**kwargs)
         self.root = Path(root)
-        paths = sorted(p for p in self.root.rglob("*") if p.is_file() and _is_image(p))
-        if not paths:
+        relative = sorted(p.relative_to(self.root) for p in self.root.rglob("*") if p.is_file() and _is_image(p))
+        if not relative:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
-        self.paths = paths
-        self.keys = [str(p.relative_to(self.root).with_suffix("").as_posix()) for p in paths]
-        self.labels, self.class_names = _labels_from_keys(self.keys)
+        self.paths = PathArray((p.as_posix() for p in relative), self.root)
+        keys = [p.with_suffix("").as_posix() for p in relative]
+        self.labels, self.class_names = _labels_from_keys(keys)
+        self.keys = StringArray(keys)
 
     def _read(self, index: int) -> bytes:
         return self.paths[index].read_bytes()
@@ -180,13 +242,15 @@ class PathListPool(ImagePool):
         list_file = Path(list_file)
         base = list_file.parent
         lines = [ln.strip() for ln in list_file.read_text().splitlines()]
-        self.paths = [Path(ln) if Path(ln).is_absolute() else base / ln for ln in lines if ln and not ln.startswith("#")]
-        if not self.paths:
+        paths = [Path(ln) if Path(ln).is_absolute() else base / ln for ln in lines if ln and not ln.startswith("#")]
+        if not paths:
             raise DataError(f"{list_file} lists no image paths")
-        self.keys = [_key_for_path(p, base) for p in self.paths]
-        if len(set(self.keys)) != len(self.keys):
+        keys = [_key_for_path(p, base) for p in paths]
+        if len(set(keys)) != len(keys):
             raise DataError(f"{list_file} lists the same image key twice; keys must be unique")
-        self.labels, self.class_names = _labels_from_keys(self.keys)
+        self.labels, self.class_names = _labels_from_keys(keys)
+        self.paths = PathArray(str(p) for p in paths)
+        self.keys = StringArray(keys)
 
     def _read(self, index: int) -> bytes:
         return self.paths[index].read_bytes()
@@ -197,13 +261,6 @@ def _key_for_path(path: Path, base: Path) -> str:
         return path.relative_to(base).with_suffix("").as_posix()
     except ValueError:
         return path.with_suffix("").as_posix().lstrip("/")
-
-
-@dataclass
-class _Member:
-    shard: int
-    offset: int
-    size: int
 
 
 class TarShardPool(ImagePool):
@@ -217,16 +274,18 @@ class TarShardPool(ImagePool):
         self.shards = [Path(s) for s in shards]
         if not self.shards:
             raise DataError("no tar shards given")
-        self.keys = []
-        self._members: list[_Member] = []
+        keys: list[str] = []
+        members: list[tuple[int, int, int]] = []  # shard, offset of the data, size
         raw_labels: list[str | None] = []
         for shard_id, shard in enumerate(self.shards):
             for key, member, label in _index_shard(shard):
-                self.keys.append(key)
-                self._members.append(_Member(shard_id, member.offset_data, member.size))
+                keys.append(key)
+                members.append((shard_id, member.offset_data, member.size))
                 raw_labels.append(label)
-        if not self.keys:
+        if not keys:
             raise DataError(f"the tar shards ({self.shards[0]} ...) hold no images")
+        self.keys = StringArray(keys)
+        self._members = np.array(members, dtype=np.int64)  # one row per item: no Python object per item
         self._handles: dict[int, object] = {}
         self._pid = os.getpid()
         if all(lbl is not None for lbl in raw_labels):
@@ -237,12 +296,12 @@ class TarShardPool(ImagePool):
     def _read(self, index: int) -> bytes:
         if os.getpid() != self._pid:  # a forked worker must not share file offsets
             self._handles, self._pid = {}, os.getpid()
-        member = self._members[index]
-        handle = self._handles.get(member.shard)
+        shard, offset, size = self._members[index].tolist()
+        handle = self._handles.get(shard)
         if handle is None:
-            handle = self._handles[member.shard] = open(self.shards[member.shard], "rb")
-        handle.seek(member.offset)
-        return handle.read(member.size)
+            handle = self._handles[shard] = open(self.shards[shard], "rb")
+        handle.seek(offset)
+        return handle.read(size)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
