@@ -7,11 +7,13 @@ DINO-only step built with the lightly library on the same backbone, crops, batch
 Every configuration runs in its own subprocess (clean peak memory; torchrun for 2 ranks) on the same
 synthetic images. On a shared machine timings drift: lightly and the dinoscale configurations alternate
 for `--repeats` rounds, a ratio is the median of the per-round ratios, and images/s is the batch over the
-median step time (data loading included, the first `WARMUP_STEPS` steps left out). The matmul peak, the
-MFU denominator, is measured once here (best of several runs) with 2 threads for one process and 1
-thread for each of two ranks, and handed to every worker (`train.peak_flops`).
+median step time (data loading included, the first `WARMUP_STEPS` steps left out). The same per
+CPU-second of the training processes (`cpu_ratio_*`; the data-loader worker not counted) is steadier
+when other jobs share the cores. The matmul peak, the MFU denominator, is measured once here (best of
+several runs) with all threads for one process and 1 thread for each of two ranks (torchrun's
+OMP_NUM_THREADS=1), or given with --peak-flops, and handed to every worker (`train.peak_flops`).
 
-    python -m benchmarks.bench_train [--steps 8] [--batch 16] [--repeats 3]
+    python -m benchmarks.bench_train [--steps 8] [--batch 16] [--repeats 3] [--peak-flops F]
 """
 
 from __future__ import annotations
@@ -60,7 +62,10 @@ def worker_dinoscale(pool: str, batch: int, steps: int, out: str, peak_flops: fl
         return {}
     metrics = read_metrics(Path(out) / "metrics.jsonl")  # rank 0 writes it
     timed = metrics[WARMUP_STEPS:]
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu_seconds = world_size * statistics.median(m["cpu_seconds"] for m in timed)  # ranks are alike
     return {"images_per_s": statistics.median(m["images_per_s"] for m in timed),
+            "images_per_cpu_s": batch * world_size / cpu_seconds,
             "mfu": statistics.median(m["mfu"] for m in timed), "peak_flops": metrics[0]["peak_flops"],
             "first_step_s": metrics[0]["seconds"]}
 
@@ -103,9 +108,9 @@ def worker_lightly(pool: str, batch: int, steps: int, peak_flops: float) -> dict
                  + backbone_forward_flops(student_backbone, N_LOCAL * batch, tokens_l)
                  + head_forward_flops(student_head, (2 + N_LOCAL) * batch)) \
         + backbone_forward_flops(student_backbone, 2 * batch, tokens_g) + head_forward_flops(student_head, 2 * batch)
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps):
-        start = time.perf_counter()  # data loading included, as in the trainer's step time
+        start, cpu_start = time.perf_counter(), time.process_time()  # data loading included, as in the trainer
         views = next(loader)["views"]
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             teacher_out = [teacher_head(teacher_backbone(v)) for v in views[:2]]
@@ -117,8 +122,10 @@ def worker_lightly(pool: str, batch: int, steps: int, peak_flops: float) -> dict
         update_momentum(student_backbone, teacher_backbone, m=0.996)
         update_momentum(student_head, teacher_head, m=0.996)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     seconds = statistics.median(times[WARMUP_STEPS:])
-    return {"images_per_s": batch / seconds, "mfu": flops / seconds / peak_flops, "peak_flops": peak_flops}
+    return {"images_per_s": batch / seconds, "images_per_cpu_s": batch / statistics.median(cpu_times[WARMUP_STEPS:]),
+            "mfu": flops / seconds / peak_flops, "peak_flops": peak_flops}
 
 
 def _peak_rss_mb() -> float:
@@ -139,11 +146,13 @@ def _run(args: list[str], nproc: int = 1) -> dict:
     return results[0]
 
 
-def _matmul_peaks() -> dict[int, float]:
-    """bf16 matmul FLOP/s with 2 threads (one process) and 1 thread (each of two ranks)."""
+def _matmul_peaks(threads: int, given: float | None) -> dict[int, float]:
+    """bf16 matmul FLOP/s with `threads` threads (one process) and 1 thread (each of two ranks); from
+    `given`, the one-process peak, that rank's share is given / threads."""
     from dinoscale.train.metrics import measure_matmul_peak
 
-    threads = torch.get_num_threads()
+    if given:
+        return {threads: given, 1: given / threads}
     peaks = {}
     for n in (threads, 1):
         torch.set_num_threads(n)
@@ -158,8 +167,8 @@ def _median_run(runs: list[dict]) -> dict:
     return {**{k: statistics.median(r[k] for r in runs) for k in keys}, "rounds": [r["images_per_s"] for r in runs]}
 
 
-def _ratio(a: list[dict], b: list[dict]) -> float:
-    return statistics.median(x["images_per_s"] / y["images_per_s"] for x, y in zip(a, b))
+def _ratio(a: list[dict], b: list[dict], key: str = "images_per_s") -> float:
+    return statistics.median(x[key] / y[key] for x, y in zip(a, b))
 
 
 def main() -> None:
@@ -169,7 +178,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of lightly / dinoscale runs")
     parser.add_argument("--worker", choices=["dinoscale", "lightly"])
     parser.add_argument("--pool")
-    parser.add_argument("--peak-flops", type=float)
+    parser.add_argument("--peak-flops", type=float, help="bf16 matmul FLOP/s of one process (default: measured)")
     parser.add_argument("--out", help="run directory of a worker")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides of a dinoscale worker")
     args = parser.parse_args()
@@ -185,8 +194,8 @@ def main() -> None:
 
     from dinoscale.data.synthetic import SyntheticSpec, make_synthetic_pool
 
-    peaks = _matmul_peaks()
-    two_threads = max(peaks)
+    threads = torch.get_num_threads()
+    peaks = _matmul_peaks(threads, args.peak_flops)
     configs = {  # name: (processes, overrides)
         "full_1": (1, []),
         "full_2": (2, []),
@@ -204,7 +213,7 @@ def main() -> None:
 
         def run(name: str, index: int) -> None:
             nproc, overrides = configs[name]
-            peak = peaks[two_threads] if nproc == 1 else peaks[1]
+            peak = peaks[threads] if nproc == 1 else peaks[1]
             out = Path(tmp) / f"{name}_{index}"
             runs[name].append(_run(["--worker", "dinoscale", "--pool", pool, "--steps", str(args.steps),
                                     "--batch", str(args.batch // nproc), "--peak-flops", str(peak), "--out", str(out),
@@ -212,7 +221,7 @@ def main() -> None:
 
         for index in range(args.repeats):
             runs["lightly"].append(_run(["--worker", "lightly", "--pool", pool, "--steps", str(args.steps),
-                                         "--batch", str(args.batch), "--peak-flops", str(peaks[two_threads])]))
+                                         "--batch", str(args.batch), "--peak-flops", str(peaks[threads])]))
             for name in every_round + (last_round_only if index == args.repeats - 1 else ()):
                 run(name, index)
 
@@ -220,12 +229,13 @@ def main() -> None:
     last_full = runs["full_1"][-1]
     print(json.dumps({
         "benchmark": "train_step",
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": two_threads,
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": threads,
                     "torch": torch.__version__},
         "setup": {"backbone": "vit_small/16", "global_crops": f"2x{GLOBAL_SIZE}", "local_crops": f"{N_LOCAL}x{LOCAL_SIZE}",
                   "global_batch": args.batch, "prototypes": PROTOTYPES, "precision": "bf16 autocast",
                   "steps": args.steps, "timed_steps": args.steps - WARMUP_STEPS, "repeats": args.repeats},
-        "matmul_peak_flops": {"1_process_2_threads": peaks[two_threads], "per_rank_of_2_1_thread": peaks[1]},
+        "matmul_peak_flops": {"one_process": peaks[threads], "per_rank_of_two": peaks[1],
+                              "measured": not args.peak_flops},
         "lightly_dino_only": _median_run(runs["lightly"]),
         "dinoscale_full_objective_1_process": full,
         "dinoscale_full_objective_2_processes": _median_run(runs["full_2"]),
@@ -242,6 +252,10 @@ def main() -> None:
         "ratio_full_objective_vs_lightly": _ratio(runs["full_1"], runs["lightly"]),
         "ratio_without_gram_vs_lightly": _ratio(runs["without_gram_1"], runs["lightly"]),
         "ratio_2_vs_1_process": _ratio(runs["full_2"], runs["full_1"]),
+        # the same per CPU-second of the training processes: steadier when other jobs share the cores
+        "cpu_ratio_full_objective_vs_lightly": _ratio(runs["full_1"], runs["lightly"], "images_per_cpu_s"),
+        "cpu_ratio_without_gram_vs_lightly": _ratio(runs["without_gram_1"], runs["lightly"], "images_per_cpu_s"),
+        "cpu_ratio_2_vs_1_process": _ratio(runs["full_2"], runs["full_1"], "images_per_cpu_s"),
     }, indent=2))
 
 

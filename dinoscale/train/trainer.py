@@ -171,7 +171,7 @@ def train(cfg: DictConfig) -> Path | None:
 
     with PreemptionGuard() as guard:  # SIGTERM / SIGUSR2: checkpoint at the end of the step, then stop
         for iteration in range(start, n_iterations):
-            step_start = time.perf_counter()
+            step_start, cpu_start = time.perf_counter(), time.process_time()
             batch = next(batches)
             scheduled = apply_schedules(optimizer, model.schedules, iteration)
             optimizer.zero_grad(set_to_none=True)
@@ -188,7 +188,9 @@ def train(cfg: DictConfig) -> Path | None:
             model.update_teacher(momentum)
 
             seconds = time.perf_counter() - step_start
+            # cpu_seconds / seconds: how many cores the step kept busy (data-loader workers not counted)
             metrics.update(scheduled, iteration=iteration, teacher_momentum=momentum, seconds=seconds,
+                           cpu_seconds=time.process_time() - cpu_start,
                            images_per_s=global_batch / seconds, peak_flops=peak_flops,
                            mfu=step_flops(model, batch) / seconds / peak_flops,
                            peak_memory_mb=peak_memory_mb(dist_info.device),
