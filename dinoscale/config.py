@@ -155,6 +155,13 @@ class CropsConfig:
     localcrops_subset_of_globalcrops: bool = knob(False, "DINOv3: local crops are taken inside the global crops")
     share_color_jitter: bool = knob(False, "DINOv3: one colour jitter for all crops of an image")
     horizontal_flips: bool = knob(True, "random horizontal flips")
+    color_jitter_probability: float = knob(0.8, "probability of the colour jitter (DINOv2: 0.8)", min=0.0, max=1.0)
+    color_jitter_brightness: float = knob(0.4, "brightness jitter strength (DINOv2: 0.4)", min=0.0)
+    color_jitter_contrast: float = knob(0.4, "contrast jitter strength (DINOv2: 0.4)", min=0.0)
+    color_jitter_saturation: float = knob(0.2, "saturation jitter strength (DINOv2: 0.2)", min=0.0)
+    color_jitter_hue: float = knob(0.1, "hue jitter strength, 0.5 = any hue (DINOv2: 0.1)", min=0.0, max=0.5)
+    grayscale_probability: float = knob(0.2, "probability of converting a crop to grayscale (DINOv2: 0.2)",
+                                        min=0.0, max=1.0)
 
 
 # ----------------------------------------------------------------------------- optimisation

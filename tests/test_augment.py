@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 import math
 
 import numpy as np
@@ -146,3 +147,36 @@ def test_blur_probability_one_on_first_global_crop():
         second += roughness(out["global_crops"][1])
     assert first < 0.8 * second
     assert math.isfinite(first)
+
+
+def _first_global_hue(augment: MultiCropAugmentation, seed: int) -> float:
+    """Hue in [0, 1) of the first global crop of a constant image (no solarisation on that crop)."""
+    crop = augment(constant_image(), seeded_generator(seed))["global_crops"][0]
+    rgb = (crop[:, 0, 0] * torch.tensor(IMAGENET_STD) + torch.tensor(IMAGENET_MEAN)).clamp(0, 1)
+    return colorsys.rgb_to_hsv(*rgb.tolist())[0]
+
+
+def test_colour_jitter_strengths_come_from_the_config():
+    """Hue jitter h shifts the hue by at most h of the colour circle; 0.5 reaches every hue."""
+    original = colorsys.rgb_to_hsv(200 / 255, 60 / 255, 30 / 255)[0]
+
+    def hue_shifts(overrides: list[str]) -> list[float]:
+        cfg = load_config(None, ["crops.color_jitter_probability=1", "crops.grayscale_probability=0",
+                                 "crops.color_jitter_brightness=0", "crops.color_jitter_contrast=0",
+                                 "crops.color_jitter_saturation=0", "crops.local_crops_number=0",
+                                 "crops.global_crops_size=8", *overrides])
+        augment = MultiCropAugmentation.from_config(cfg)
+        return [abs((_first_global_hue(augment, s) - original + 0.5) % 1 - 0.5) for s in range(40)]
+
+    assert max(hue_shifts(["crops.color_jitter_hue=0.1"])) <= 0.1 + 0.01
+    assert max(hue_shifts(["crops.color_jitter_hue=0.5"])) > 0.3
+
+
+def test_grayscale_probability_one_makes_every_crop_grey():
+    cfg = load_config(None, ["crops.grayscale_probability=1", "crops.local_crops_number=3",
+                             "crops.global_crops_size=16", "crops.local_crops_size=8"])
+    out = MultiCropAugmentation.from_config(cfg)(noise_image(), seeded_generator(0))
+    for crop in out["global_crops"] + out["local_crops"]:
+        pixels = crop * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        torch.testing.assert_close(pixels[0], pixels[1], atol=2e-2, rtol=0)
+        torch.testing.assert_close(pixels[1], pixels[2], atol=2e-2, rtol=0)

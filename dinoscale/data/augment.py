@@ -122,7 +122,8 @@ def _maybe_solarize(image: Image.Image, probability: float, generator: torch.Gen
 class MultiCropAugmentation:
     """Two global crops, `local_crops_number` local crops and optionally two Gram-teacher crops.
 
-    DINOv2 recipe: RandomResizedCrop (bicubic) + horizontal flip; colour jitter and grayscale;
+    DINOv2 recipe: RandomResizedCrop (bicubic) + horizontal flip; colour jitter and grayscale
+    (`color_jitter`, the recipe's strengths by default);
     Gaussian blur with p=1.0 (first global), 0.1 (second global), 0.5 (locals), radius 0.1-2 px at
     224/96 px and proportionally less on smaller crops (a 2-px blur wipes out a 32-px crop's
     texture); solarisation with p=0.2 on the second global crop; ImageNet normalisation.
@@ -137,7 +138,7 @@ class MultiCropAugmentation:
                  local_crops_number: int = 8, global_crops_size: int = 224, local_crops_size: int = 96,
                  gram_teacher_crops_size: int | None = None, gram_teacher_no_distortions: bool = False,
                  localcrops_subset_of_globalcrops: bool = False, share_color_jitter: bool = False,
-                 horizontal_flips: bool = True, patch_size: int = 16,
+                 horizontal_flips: bool = True, patch_size: int = 16, color_jitter: ColorJitter | None = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         self.global_crops_scale = _check_scale("global_crops_scale", global_crops_scale)
         self.local_crops_scale = _check_scale("local_crops_scale", local_crops_scale)
@@ -153,7 +154,7 @@ class MultiCropAugmentation:
         # normalisation as one multiply-subtract on the uint8 values: (x / 255 - mean) / std
         self._pixel_scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(-1, 1, 1)
         self._pixel_shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)).view(-1, 1, 1)
-        self.color_jitter = ColorJitter()
+        self.color_jitter = color_jitter or ColorJitter()
         if localcrops_subset_of_globalcrops and local_crops_size > global_crops_size:
             raise ConfigError(f"crops.local_crops_size = {local_crops_size} must not exceed crops.global_crops_size = "
                               f"{global_crops_size} when crops.localcrops_subset_of_globalcrops is true")
@@ -168,7 +169,12 @@ class MultiCropAugmentation:
                    gram_teacher_no_distortions=crops.gram_teacher_no_distortions,
                    localcrops_subset_of_globalcrops=crops.localcrops_subset_of_globalcrops,
                    share_color_jitter=crops.share_color_jitter, horizontal_flips=crops.horizontal_flips,
-                   patch_size=cfg.student.patch_size)
+                   patch_size=cfg.student.patch_size,
+                   color_jitter=ColorJitter(brightness=crops.color_jitter_brightness,
+                                            contrast=crops.color_jitter_contrast,
+                                            saturation=crops.color_jitter_saturation, hue=crops.color_jitter_hue,
+                                            jitter_probability=crops.color_jitter_probability,
+                                            grayscale_probability=crops.grayscale_probability))
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> dict[str, list[torch.Tensor]]:
         """Crops of one RGB image as normalised float tensors [3, size, size]:
