@@ -15,7 +15,9 @@ from dinoscale.curation.kmeans import (
     fit_hierarchical_kmeans,
     merge_assignment_slices,
 )
+from dinoscale.curation.lloyd import lloyd
 from dinoscale.curation.sampling import hierarchical_sample
+from dinoscale.curation.seeding import greedy_kmeans_plus_plus, seed_rows
 from dinoscale.errors import ConfigError, DataError
 
 RING_SIZES = [20000, 200, 1000, 500, 8000]
@@ -52,11 +54,11 @@ def blobs(seed: int = 0, n: int = 2000, dim: int = 8, n_blobs: int = 10) -> np.n
 @pytest.mark.slow
 def test_five_rings_sample_is_balanced_like_vo_et_al():
     """Their README setting: 2 levels of 1000 and 300 clusters, sample sizes 15 and 2, 10 resampling
-    steps, k-means++ and 50 iterations, then 1000-point samples. Their code reaches a normalised
-    ring entropy of 0.982 (seeds 0-2) keeping about 113 of the 200 points of the smallest ring;
-    uniform random sampling about 0.53. Over 8 seeds this implementation averages 0.980 with a
-    spread of 0.005 per seed (plain one-candidate k-means++ seeding: 0.975), so the mean of three
-    seeds is held to 0.975 rather than to 0.98, which nearly half of such triples miss."""
+    steps, greedy k-means++ and 50 iterations, then 1000-point samples. Their code reaches a
+    normalised ring entropy of 0.982 (seeds 0-2) keeping about 113 of the 200 points of the
+    smallest ring; uniform random sampling about 0.53. This implementation: 0.982 on seeds 0-2,
+    113 kept. The entropy of one seed varies by about +-0.002 with the random stream (8 seeds of
+    an earlier version: 0.9806 +- 0.0017), so 0.98 is the published level, not a margin."""
     ring_of_point = np.repeat(np.arange(5), RING_SIZES)
     cfg = KMeansConfig(n_clusters=[1000, 300], n_resampling_steps=[10, 10], sample_size=[15, 2], n_iter=50)
     entropies, random_entropies, smallest_ring = [], [], []
@@ -76,8 +78,8 @@ def test_five_rings_sample_is_balanced_like_vo_et_al():
     print(f"ring entropy {np.mean(entropies):.4f} (uniform random {np.mean(random_entropies):.4f}); "
           f"smallest ring kept {np.mean(smallest_ring):.1f} of 200")
     assert np.mean(random_entropies) < 0.6
-    assert np.mean(entropies) >= 0.975
-    assert np.mean(smallest_ring) >= 95
+    assert np.mean(entropies) >= 0.98
+    assert np.mean(smallest_ring) >= 105
 
 
 def test_levels_assign_every_item_to_its_nearest_centroid():
@@ -116,10 +118,10 @@ def test_seeding_is_greedy_kmeans_plus_plus():
     """Each next seed is, of 2 + ln(k) candidates drawn proportionally to the squared distance to
     the nearest seed so far, the one leaving the smallest total squared distance (Vo et al.)."""
     points = blobs(seed=9, n=1500, dim=16, n_blobs=30)
-    k, rng = 40, np.random.default_rng(3)
-    seeds = kmeans_module._kmeans_plus_plus(points, k, np.random.default_rng(3))
+    k = 40
+    seeds = greedy_kmeans_plus_plus(points, k, np.random.default_rng(3))
 
-    x = points.astype(np.float64)
+    rng, x = np.random.default_rng(3), points.astype(np.float64)
     chosen = [int(rng.integers(len(x)))]
     closest = ((x - x[chosen[0]]) ** 2).sum(1)
     for _ in range(1, k):
@@ -129,18 +131,48 @@ def test_seeding_is_greedy_kmeans_plus_plus():
         best = int(np.argmin([t.sum() for t in totals]))
         chosen.append(int(candidates[best]))
         closest = totals[best]
-    np.testing.assert_array_equal(seeds, points[chosen])
+    np.testing.assert_array_equal(seeds, chosen)
+
+
+def test_large_fits_seed_on_a_random_subset():
+    points = blobs(seed=10, n=900)
+    rows = seed_rows(points, 10, np.random.default_rng(4), max_points_per_cluster=30)
+    rng = np.random.default_rng(4)
+    subset = np.sort(rng.choice(900, size=300, replace=False))
+    np.testing.assert_array_equal(rows, subset[greedy_kmeans_plus_plus(points[subset], 10, rng)])
+    everything = seed_rows(points, 10, np.random.default_rng(4), max_points_per_cluster=90)
+    np.testing.assert_array_equal(everything, greedy_kmeans_plus_plus(points, 10, np.random.default_rng(4)))
+
+
+def plain_lloyd(points: np.ndarray, centroids: np.ndarray, n_iter: int) -> np.ndarray:
+    """The definition, in float64: assign to the nearest centroid, move to the mean (empty clusters stay)."""
+    x, c = points.astype(np.float64), centroids.astype(np.float64)
+    for _ in range(n_iter):
+        assignment = brute_force_nearest(x, c)
+        c = np.stack([x[assignment == j].mean(0) if (assignment == j).any() else c[j] for j in range(len(c))])
+    return c
+
+
+@pytest.mark.parametrize("dim, n_blobs", [(2, 12), (64, 300)])
+def test_lloyd_with_bounds_follows_plain_lloyd(dim, n_blobs):
+    """In 2-d the bounds skip most searches, in 64-d they give way to plain searches; both must give
+    the iterates of plain Lloyd, including a centroid left without points."""
+    points = blobs(seed=11, n=3000, dim=dim, n_blobs=n_blobs)
+    init = points[np.random.default_rng(5).choice(len(points), 30, replace=False)].astype(np.float64)
+    init[0] = 1e3  # far from every point: its cluster stays empty and its centroid where it is
+    for n_iter in (1, 4, 25):
+        np.testing.assert_allclose(lloyd(points, init, n_iter), plain_lloyd(points, init, n_iter), atol=1e-5)
 
 
 def test_checkpoints_are_loaded_instead_of_refitted(tmp_path, monkeypatch):
     calls = []
-    real_train = kmeans_module.train_kmeans
+    real_lloyd = kmeans_module.lloyd
 
-    def counting_train(*args, **kwargs):
-        calls.append(args[1])
-        return real_train(*args, **kwargs)
+    def counting_lloyd(points, seeds, n_iter):
+        calls.append(len(seeds))
+        return real_lloyd(points, seeds, n_iter)
 
-    monkeypatch.setattr(kmeans_module, "train_kmeans", counting_train)
+    monkeypatch.setattr(kmeans_module, "lloyd", counting_lloyd)
     x = blobs(seed=2)
     cfg = KMeansConfig(n_clusters=[30, 5], n_resampling_steps=[2, 2], sample_size=[5, 2], n_iter=5)
     first = fit_hierarchical_kmeans(x, cfg, checkpoint_dir=tmp_path, seed=3)
@@ -205,9 +237,8 @@ def test_fit_delegates_full_assignments(tmp_path):
 
 def test_train_sample_fits_on_a_subset_and_assigns_all(monkeypatch):
     sizes = []
-    real_train = kmeans_module.train_kmeans
-    monkeypatch.setattr(kmeans_module, "train_kmeans",
-                        lambda points, *a, **k: sizes.append(len(points)) or real_train(points, *a, **k))
+    real_lloyd = kmeans_module.lloyd
+    monkeypatch.setattr(kmeans_module, "lloyd", lambda points, *a: sizes.append(len(points)) or real_lloyd(points, *a))
     x = blobs(seed=6, n=3000)
     cfg = KMeansConfig(n_clusters=[25], n_resampling_steps=[0], sample_size=[1], n_iter=5, train_sample=500)
     tree = fit_hierarchical_kmeans(x, cfg)

@@ -12,7 +12,7 @@ from typing import Iterator
 import faiss
 import numpy as np
 
-from dinoscale.errors import ConfigError, DataError
+from dinoscale.errors import DataError
 
 DEFAULT_CHUNK_ROWS = 65536
 
@@ -99,42 +99,24 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, normalize: bool = Tr
 def nearest_centroid(x: np.ndarray, centroids: np.ndarray, start: int = 0, stop: int | None = None,
                      chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """For rows start:stop of `x`: the nearest centroid (L2) and the squared distance to it."""
+    ids, distances = nearest_centroids(x, centroids, 1, slice(start, x.shape[0] if stop is None else stop),
+                                       chunk_rows)
+    return ids[:, 0], distances[:, 0]
+
+
+def nearest_centroids(x: np.ndarray, centroids: np.ndarray, n_nearest: int, rows: slice | np.ndarray | None = None,
+                      chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """For `rows` of `x` (a slice, an index array, or None for all): the `n_nearest` nearest
+    centroids (L2), nearest first, and the squared distances to them; (rows, min(n_nearest,
+    n_centroids)) int64 and float32."""
+    n_nearest = min(n_nearest, centroids.shape[0])
     index = on_device(faiss.IndexFlatL2(centroids.shape[1]))
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    stop = x.shape[0] if stop is None else stop
-    assignment = np.empty(stop - start, dtype=np.int64)
-    distances = np.empty(stop - start, dtype=np.float32)
-    for pos, dist, ids in search(index, x, 1, normalize=False, rows=slice(start, stop), chunk_rows=chunk_rows):
-        assignment[pos:pos + len(ids)] = ids[:, 0]
-        distances[pos:pos + len(ids)] = dist[:, 0]
-    return assignment, distances
-
-
-FAISS_INIT_METHODS = {"afk-mc2": "AFK_MC2", "random": "RANDOM"}
-
-
-def _faiss_init_method(name: str) -> int:
-    constant = getattr(faiss, f"ClusteringInitMethod_{FAISS_INIT_METHODS[name]}", None)
-    if constant is None:
-        raise ConfigError(f"curation.kmeans.init = {name!r} needs a faiss with ClusteringInitMethod (1.15 has it; "
-                          f"this one is {faiss.__version__}); upgrade faiss or choose init=kmeans++")
-    return constant
-
-
-def train_kmeans(points: np.ndarray, k: int, n_iter: int, seed: int, init: str | np.ndarray = "random") -> np.ndarray:
-    """faiss k-means (Lloyd) on all of `points`; returns float32 (k, D) centroids.
-
-    `init` is either (k, D) starting centroids or the name of a faiss seeding ("random", "afk-mc2").
-    faiss would silently subsample to 256 points per centroid; the callers decide what to train
-    on (see `KMeansConfig.train_sample`), so that is switched off, as is the warning faiss
-    prints for fewer than 39 points per centroid (resampling steps train on a few per centroid).
-    """
-    points = np.ascontiguousarray(points, dtype=np.float32)
-    n = points.shape[0]
-    options = {}
-    if isinstance(init, str) and init != "random":
-        options["init_method"] = _faiss_init_method(init)
-    kmeans = faiss.Kmeans(points.shape[1], k, niter=n_iter, seed=seed, gpu=gpu_available(),
-                          min_points_per_centroid=1, max_points_per_centroid=n // k + 1, **options)
-    kmeans.train(points, init_centroids=None if isinstance(init, str) else np.ascontiguousarray(init, np.float32))
-    return kmeans.centroids
+    rows = slice(0, x.shape[0]) if rows is None else rows
+    n_rows = len(range(*rows.indices(x.shape[0]))) if isinstance(rows, slice) else len(rows)
+    ids = np.empty((n_rows, n_nearest), dtype=np.int64)
+    distances = np.empty((n_rows, n_nearest), dtype=np.float32)
+    for pos, dist, found in search(index, x, n_nearest, normalize=False, rows=rows, chunk_rows=chunk_rows):
+        ids[pos:pos + len(found)] = found
+        distances[pos:pos + len(found)] = dist
+    return ids, distances
