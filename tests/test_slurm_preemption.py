@@ -33,6 +33,14 @@ def submitit_usr2_handler():
     signal.signal(signal.SIGUSR2, previous)
 
 
+@pytest.fixture
+def no_usr2_handler():
+    """USR2 with its default action, as outside submitit; restored afterwards."""
+    previous = signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGUSR2, previous)
+
+
 def _send_and_wait(guard, signum):
     os.kill(os.getpid(), signum)
     deadline = time.monotonic() + 5
@@ -68,17 +76,33 @@ def test_guard_hands_over_when_no_safe_point_comes(submitit_usr2_handler):
         assert guard.preempted
 
 
-def test_without_submitit_the_process_exits_with_the_signal_status():
-    previous = signal.signal(signal.SIGUSR2, signal.SIG_DFL)
-    try:
-        with PreemptionGuard(grace_s=None) as guard:
-            _send_and_wait(guard, signal.SIGUSR2)
-            assert guard.sync()
-            with pytest.raises(SystemExit) as caught:
-                guard.checkpoint_saved()
-        assert caught.value.code == 128 + signal.SIGUSR2
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
+def test_without_submitit_the_process_exits_with_the_signal_status(no_usr2_handler):
+    with PreemptionGuard(grace_s=None) as guard:
+        _send_and_wait(guard, signal.SIGUSR2)
+        assert guard.sync()
+        with pytest.raises(SystemExit) as caught:
+            guard.checkpoint_saved()
+    assert caught.value.code == 128 + signal.SIGUSR2
+
+
+def test_a_loop_that_stops_also_hands_over_a_preemption_signal_that_came_after_sync(submitit_usr2_handler):
+    with PreemptionGuard(grace_s=None) as guard:
+        _send_and_wait(guard, signal.SIGTERM)
+        assert guard.sync() and not guard.preempted
+        os.kill(os.getpid(), signal.SIGUSR2)  # submitit's preemption: SIGTERM, then USR2
+        deadline = time.monotonic() + 5
+        while not guard.preempted and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(HandedOver):
+            guard.checkpoint_saved(stopping=True)
+
+
+def test_a_loop_that_stops_returns_after_the_preemption_signal_without_submitit(no_usr2_handler):
+    with PreemptionGuard(grace_s=None) as guard:
+        _send_and_wait(guard, signal.SIGUSR2)
+        assert guard.sync()
+        guard.checkpoint_saved(stopping=True)  # the caller ends its loop itself
+        assert not guard.requested
 
 
 def _count_with_checkpoints(run_dir, total_steps):

@@ -136,6 +136,29 @@ def export_teacher(model: SSLMetaArch, path: Path, is_main: bool) -> None:
         save_backbone(model.teacher.backbone, path, state_dict=full)
 
 
+def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict, iteration: int, cfg: DictConfig,
+               autocast: torch.autocast, rank: int, run_dir: Path) -> dict[str, float]:
+    """One iteration on this rank's batch: scheduled lr and weight decay, forward and backward under
+    `autocast`, the loss metrics averaged over ranks (a non-finite term raises before the weights
+    change), gradient clipping, AdamW and the EMA teacher update. Returns the step's metrics."""
+    scheduled = apply_schedules(optimizer, model.schedules, iteration)
+    optimizer.zero_grad(set_to_none=True)
+    torch.manual_seed(derive_seed(cfg.seed, _MODEL_RNG_KEY, iteration, rank))  # drop path
+    with autocast:
+        _, metrics = model.forward_backward(batch, iteration)
+    metrics = _mean_across_ranks(metrics)
+    bad_terms = _non_finite_terms(metrics)
+    if bad_terms:
+        _raise_non_finite(bad_terms, iteration, run_dir)
+    norms = clip_gradients(model.student, cfg.optim.clip_grad)
+    optimizer.step()
+    momentum = model.schedules.teacher_momentum(iteration)
+    model.update_teacher(momentum)
+    metrics.update(scheduled, iteration=iteration, teacher_momentum=momentum,
+                   **{f"grad_norm_{name}": value for name, value in norms.items()})
+    return metrics
+
+
 def train(cfg: DictConfig) -> Path | None:
     """Train (or resume) the run in cfg.train.output_dir; returns the exported teacher's path,
     or None when a signal stopped the run before the end (after writing a checkpoint)."""
@@ -173,28 +196,13 @@ def train(cfg: DictConfig) -> Path | None:
         for iteration in range(start, n_iterations):
             step_start, cpu_start = time.perf_counter(), time.process_time()
             batch = next(batches)
-            scheduled = apply_schedules(optimizer, model.schedules, iteration)
-            optimizer.zero_grad(set_to_none=True)
-            torch.manual_seed(derive_seed(cfg.seed, _MODEL_RNG_KEY, iteration, dist_info.rank))  # drop path
-            with autocast:
-                _, metrics = model.forward_backward(batch, iteration)
-            metrics = _mean_across_ranks(metrics)
-            bad_terms = _non_finite_terms(metrics)
-            if bad_terms:
-                _raise_non_finite(bad_terms, iteration, run_dir)
-            norms = clip_gradients(model.student, cfg.optim.clip_grad)
-            optimizer.step()
-            momentum = model.schedules.teacher_momentum(iteration)
-            model.update_teacher(momentum)
-
+            metrics = train_step(model, optimizer, batch, iteration, cfg, autocast, dist_info.rank, run_dir)
             seconds = time.perf_counter() - step_start
             # cpu_seconds / seconds: how many cores the step kept busy (data-loader workers not counted)
-            metrics.update(scheduled, iteration=iteration, teacher_momentum=momentum, seconds=seconds,
-                           cpu_seconds=time.process_time() - cpu_start,
+            metrics.update(seconds=seconds, cpu_seconds=time.process_time() - cpu_start,
                            images_per_s=global_batch / seconds, peak_flops=peak_flops,
                            mfu=step_flops(model, batch) / seconds / peak_flops,
-                           peak_memory_mb=peak_memory_mb(dist_info.device),
-                           **{f"grad_norm_{name}": value for name, value in norms.items()})
+                           peak_memory_mb=peak_memory_mb(dist_info.device))
             metrics_log.log(metrics)
             if iteration % cfg.train.log_period_iterations == 0:
                 log.info("it %d/%d loss %.4f  %.1f img/s  mfu %.1f%%", iteration, n_iterations,
