@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from dinoscale.data.augment import MultiCropAugmentation, derive_seed
 from dinoscale.data.collate import collate_data_and_cast
+from dinoscale.data.masking import MaskingGenerator
 from dinoscale.data.pool import open_pool
 from dinoscale.data.stream import BatchStream, Source, make_loader
 from dinoscale.errors import ConfigError, DinoscaleError
@@ -30,7 +31,6 @@ from dinoscale.train.metrics import (MetricsLogger, backbone_forward_flops, head
                                      peak_memory_mb)
 from dinoscale.train.optim import apply_schedules, build_optimizer, clip_gradients
 from dinoscale.train.parallel import parallelize
-from dinoscale.train.simple_loop import build_mask_generator
 from dinoscale.train.ssl import SSLMetaArch
 from dinoscale.utils.device import autocast_dtype
 from dinoscale.utils.io import write_text
@@ -67,7 +67,7 @@ def training_sources(cfg: DictConfig) -> list[Source]:
 
 def build_stream(cfg: DictConfig, dist_info: DistInfo, start_step: int) -> BatchStream:
     augment = MultiCropAugmentation.from_config(cfg)
-    mask_generator = build_mask_generator(cfg)
+    mask_generator = MaskingGenerator.from_config(cfg)
 
     def collate(samples: list, generator: torch.Generator) -> dict:
         return collate_data_and_cast(samples, cfg.ibot.mask_ratio_min_max, cfg.ibot.mask_sample_probability,
