@@ -258,8 +258,10 @@ class KMeansConfig:
     n_iter: int = knob(20, "k-means iterations per fit", min=1)
     init: str = knob("kmeans++", "seeding of every k-means fit: greedy k-means++ as Vo et al. (what makes "
                      "resampling rebalance) or random points (no rebalancing)", choices=["kmeans++", "random"])
-    seeding_points_per_cluster: int = knob(20, "k-means++ seeds a fit on at most this many points per cluster (a "
-                                               "random subset of larger fits, such as a level's first fit)", min=1)
+    seeding_points_per_cluster: int = knob(10, "k-means++ seeds a fit on at most this many points per cluster (a "
+                                               "random subset of larger fits, such as a level's first fit); at "
+                                               "least sample_size keeps resampling fits seeding on all their points",
+                                           min=1)
     n_split: int = knob(1, "split each first-level cluster into this many by k-means on its members "
                            "(level 1 ends with n_clusters[0] * n_split clusters)", min=1)
     train_sample: Optional[int] = knob(None, "fit level 1 on this many points and assign the rest", min=1)

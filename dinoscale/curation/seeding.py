@@ -4,9 +4,10 @@ Seeding is what makes hierarchical k-means with resampling balance the modes of 
 sampling puts seeds in sparse regions, and each resampling step re-seeds on points that already
 cover the modes more evenly (with random seeds the five-ring toy of Vo et al. stays as
 unbalanced as uniform sampling). Greedy k-means++ makes one pass over its points per seed, so a
-fit on many points per cluster seeds on a random subset of `max_points_per_cluster` * k of them:
-the resampling fits that do the balancing have fewer points than that anyway, and the first fit
-of a level on all points is only where resampling starts from.
+fit on many points per cluster seeds on a random subset of `max_points_per_cluster` * k of them.
+With that at least the resampling sample size, the resampling fits, which do the balancing, seed
+on all their points as in Vo et al.; a level's first fit on all points, which is only where
+resampling starts from, seeds on the subset.
 """
 
 from __future__ import annotations
