@@ -484,12 +484,28 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
         raise ConfigError(f"cannot parse overrides {list(overrides)}: {err}") from None
 
 
+def _merge_preset(cfg: DictConfig, path: Path, including: tuple[Path, ...] = ()) -> DictConfig:
+    """Merge the YAML file at `path` into `cfg`, after the presets named in its `defaults:` list
+    (Hydra's convention: a preset builds on others and overrides what it repeats)."""
+    if path.resolve() in including:
+        chain = " -> ".join(p.name for p in (*including, path.resolve()))
+        raise ConfigError(f"presets include each other in a cycle: {chain}")
+    data = OmegaConf.load(path)
+    bases = data.pop("defaults", [])
+    if isinstance(bases, str) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"'defaults' in {path.name} must be a list of preset names, e.g. [train/small_pool]")
+    for base in bases:
+        relative = path.parent / base
+        base_path = relative if relative.suffix in (".yaml", ".yml") and relative.exists() else _resolve_preset(base)
+        cfg = _merge_preset(cfg, base_path, (*including, path.resolve()))
+    return _merge(cfg, data, path.name)
+
+
 def load_config(preset: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Schema defaults <- preset or YAML file <- `key.sub=value` overrides, then validated."""
     cfg = OmegaConf.structured(Config)
     if preset:
-        path = _resolve_preset(preset)
-        cfg = _merge(cfg, OmegaConf.load(path), str(path.name))
+        cfg = _merge_preset(cfg, _resolve_preset(preset))
     if overrides:
         cfg = _merge(cfg, _parse_overrides(overrides), "command line")
     _check_values(Config, cfg)

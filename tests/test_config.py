@@ -41,6 +41,21 @@ def test_yaml_file_with_typo_names_file_and_key(tmp_path):
         load_config(str(path))
 
 
+def test_a_preset_builds_on_the_presets_in_its_defaults_list(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim:\n  epochs: 7\n  base_lr: 0.5\n")
+    (tmp_path / "child.yaml").write_text("defaults: [base.yaml, curate/small]\noptim:\n  base_lr: 0.25\n")
+    cfg = load_config(str(tmp_path / "child.yaml"))
+    assert cfg.optim.epochs == 7 and cfg.optim.base_lr == 0.25  # the child overrides what it repeats
+    assert cfg.curation == load_config("curate/small").curation  # a packaged preset by name
+
+
+def test_presets_that_include_each_other_fail(tmp_path):
+    (tmp_path / "a.yaml").write_text("defaults: [b.yaml]\n")
+    (tmp_path / "b.yaml").write_text("defaults: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="cycle: a.yaml -> b.yaml -> a.yaml"):
+        load_config(str(tmp_path / "a.yaml"))
+
+
 def test_override_without_equals_sign():
     with pytest.raises(ConfigError, match="not of the form key.sub=value"):
         load_config(None, ["optim.lr"])
