@@ -286,7 +286,8 @@ def main() -> None:
         "activation_checkpointing": {
             "none": {"peak_rss_mb": full["peak_rss_mb"]},
             **{mode: {"peak_rss_mb": runs[f"{mode}_ac"][0]["peak_rss_mb"],
-                      "speed_vs_none": runs[f"{mode}_ac"][0]["images_per_s"] / last_full["images_per_s"]}
+                      "speed_vs_none": runs[f"{mode}_ac"][0]["images_per_s"] / last_full["images_per_s"],
+                      "cpu_speed_vs_none": runs[f"{mode}_ac"][0]["images_per_cpu_s"] / last_full["images_per_cpu_s"]}
                for mode in ("selective", "full")}},
         "compile": {"images_per_s": runs["compile"][0]["images_per_s"],
                     "speed_vs_eager": runs["compile"][0]["images_per_s"] / last_full["images_per_s"],
