@@ -49,6 +49,8 @@ def wait_for(jobs: submitit.Job | Sequence[submitit.Job], *, poll_s: float = 2.0
             submitit.SlurmJob.watcher.update()  # one sacct call for all jobs per round
         for job in pending:
             _raise_if_a_task_failed(job, outcomes)
+        for job in pending:
+            _raise_if_it_ended_without_result(job, outcomes)
         pending = [job for job in pending if not job.done()]
         if not pending:
             break
@@ -76,6 +78,17 @@ def _raise_if_a_task_failed(job: submitit.Job, outcomes: dict[Path, tuple[str, A
         outcome = _outcome(task.paths.result_pickle, outcomes)
         if outcome is not None and outcome[0] == "error":
             raise _failure(task, outcome[1])
+
+
+def _raise_if_it_ended_without_result(job: submitit.Job, outcomes: dict[Path, tuple[str, Any]]) -> None:
+    """A SLURM job that ended other than COMPLETED (cancelled, timed out, killed) and wrote no result is
+    reported now rather than after the others: those may never end (an array task cancelled before it
+    started stays UNKNOWN to sacct, and jobs that depend on it are cancelled)."""
+    if not isinstance(job, submitit.SlurmJob) or not job.done() or job.state.upper().startswith("COMPLETED"):
+        return
+    for task in _tasks(job):
+        if _outcome(task.paths.result_pickle, outcomes) is None:
+            raise _ended_without_result(task, job.state)
 
 
 def _results(job: submitit.Job, outcomes: dict[Path, tuple[str, Any]]) -> Any:
