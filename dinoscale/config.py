@@ -202,7 +202,9 @@ class TrainConfig:
     batch_size_per_gpu: int = knob(64, "images per rank per step", min=1)
     OFFICIAL_EPOCH_LENGTH: int = knob(1250, "iterations per epoch (as in the reference)", min=1)
     max_iterations: Optional[int] = knob(None, "stop early after this many iterations")
-    centering: str = knob("sinkhorn_knopp", "teacher normalisation", choices=["centering", "sinkhorn_knopp"])
+    centering: str = knob("sinkhorn_knopp", "teacher normalisation: EMA centring (DINO), Sinkhorn-Knopp (DINOv2/v3), or "
+                                            "none (plain softmax, which collapses: an ablation)",
+                          choices=["centering", "sinkhorn_knopp", "none"])
     num_workers: int = knob(2, "data-loader workers per rank", min=0)
     shuffle_buffer: int = knob(2000, "streaming shuffle buffer (images)", min=0)
     checkpoint_period_iterations: int = knob(1000, "save a checkpoint every N iterations", min=1)

@@ -22,7 +22,7 @@ def test_defaults_and_overrides():
     ("optimx.lr=1", "unknown config key 'optimx' (from command line); did you mean 'optim'?"),
     ("optim.epochs=abc", "config key 'optim.epochs' (from command line) got 'abc', which is not a valid int"),
     ("train.centering=sinkhorn",
-     "config key 'train.centering' = 'sinkhorn' is not allowed; choose one of centering, sinkhorn_knopp "
+     "config key 'train.centering' = 'sinkhorn' is not allowed; choose one of centering, sinkhorn_knopp, none "
      "(did you mean 'sinkhorn_knopp'?)"),
     ("optim.lr=-1", "config key 'optim.lr' = -1.0 is out of range; allowed: [0.0, inf]"),
     ("teacher.momentum_teacher=1.5", "config key 'teacher.momentum_teacher' = 1.5 is out of range; allowed: [0.0, 1.0]"),
