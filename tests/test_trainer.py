@@ -15,9 +15,10 @@ import yaml
 from dinoscale.config import load_config
 from dinoscale.data.synthetic import SyntheticSpec, make_synthetic_pool
 from dinoscale.models import build_backbone, load_backbone
-from dinoscale.train.checkpoint import checkpoint_dirs
+from dinoscale.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from dinoscale.train.export import export_run
 from dinoscale.eval.report import read_metrics
+from dinoscale.train.optim import apply_schedules, build_optimizer
 from dinoscale.train.parallel import apply_activation_checkpointing
 from dinoscale.train.ssl import SSLMetaArch
 from dinoscale.train.trainer import build_stream, train
@@ -171,6 +172,33 @@ def test_activation_checkpointing_gives_the_same_gradients(workdir, mode):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_of_the_unfused_adamw_resumes_on_the_fused_kernel(workdir, tmp_path):
+    cfg = load_config(str(workdir / "tiny.yaml"), _overrides(workdir, "unused"))
+    batch = _one_batch(cfg)
+    model = SSLMetaArch(cfg, 4)
+    saved = build_optimizer(model.student, cfg)
+    for group in saved.param_groups:  # as a checkpoint written before fused AdamW has them
+        group.update(fused=None, foreach=None)
+    apply_schedules(saved, model.schedules, 2)
+    model.forward_backward(batch, iteration=2)
+    saved.step()
+    checkpoint = save_checkpoint(tmp_path, 2, model, saved, {}, keep_last=1)
+
+    resumed_model = SSLMetaArch(cfg, 4)
+    resumed = build_optimizer(resumed_model.student, cfg)
+    load_checkpoint(checkpoint, resumed_model, resumed)
+    assert resumed.defaults["fused"] and all(group["fused"] for group in resumed.param_groups)
+    pairs = [(old, new) for old, new in zip(model.student.parameters(), resumed_model.student.parameters())
+             if old in saved.state]
+    assert len(pairs) > 10
+    for old, new in pairs:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(saved.state[old][key], resumed.state[new][key]), key
+    resumed_model.forward_backward(batch, iteration=3)
+    resumed.step()  # the fused kernel takes the loaded state (its step counters as float32 tensors)
+    assert all(resumed.state[new]["step"].item() == 2 for _, new in pairs)
 
 
 def test_bf16_mixed_precision_trains(workdir):

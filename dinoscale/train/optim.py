@@ -75,14 +75,27 @@ def fuse_params_groups(groups: Iterable[dict[str, Any]],
 
 # devices with a fused AdamW kernel: one kernel per parameter group instead of a dozen per parameter
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+# param-group settings that choose how the optimizer runs, not what it computes
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
 
 def build_optimizer(student: nn.ModuleDict, cfg: Any) -> torch.optim.AdamW:
-    """AdamW over the student's parameter groups; lr and weight decay are set by `apply_schedules`."""
+    """AdamW over the student's parameter groups; lr and weight decay are set by `apply_schedules`.
+
+    A loaded state dict keeps this optimizer's implementation (see `keep_implementation`)."""
     groups = fuse_params_groups(get_params_groups(student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult))
     fused = True if next(student.parameters()).device.type in FUSED_ADAMW_DEVICES else None  # None: torch's choice
-    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
-                             fused=fused)
+    optimizer = torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0,
+                                  betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=fused)
+    optimizer.register_load_state_dict_pre_hook(keep_implementation)
+    return optimizer
+
+
+def keep_implementation(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state dict's param groups with `optimizer`'s implementation settings: a checkpoint saved by
+    the unfused AdamW (or on another device) would otherwise switch a resumed run to that path."""
+    implementation = {k: optimizer.defaults[k] for k in IMPLEMENTATION_KEYS if k in optimizer.defaults}
+    return {**state_dict, "param_groups": [{**group, **implementation} for group in state_dict["param_groups"]]}
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, schedules: Schedules, iteration: int) -> dict[str, float]:
