@@ -135,7 +135,9 @@ class GramConfig:
     update_frequency: int = knob(10000, "iterations between Gram-teacher refreshes", min=1)
     max_updates: Optional[int] = knob(None, "stop refreshing after this many updates")
     normalized: bool = knob(True, "L2-normalise patch features before the Gram matrix")
-    img_level: bool = knob(False, "Gram matrix per image (else over all patches of the batch)")
+    img_level: bool = knob(True, "one Gram matrix per image, as DINOv3's Gram-anchoring recipe (false: one over all "
+                                 "patches of a rank's batch, the reference code's default: quadratic in the batch "
+                                 "and dependent on how it is split over ranks)")
     remove_neg: bool = knob(False, "clamp negative similarities of both matrices to 0")
     remove_only_teacher_neg: bool = knob(False, "clamp only the teacher's negative similarities")
     global_teacher_resize_method: str = knob("bicubic", "how Gram-teacher features are resized to the student grid",
