@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a one-minute profile (used by the tests)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the demo config")
     p.set_defaults(handler=cmd_demo)
+
+    from benchmarks.suite import add_arguments, run
+
+    p = sub.add_parser("bench", help="run every benchmark and write benchmarks/results.json and results.md")
+    add_arguments(p)
+    p.set_defaults(handler=run)
     return parser
 
 

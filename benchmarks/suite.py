@@ -1,0 +1,352 @@
+"""The benchmark suite: every benchmark of `benchmarks/` in its own subprocess, one table of results.
+
+    python -m benchmarks [--quick | --full] [--only NAME ...] [--out DIR]
+    dinoscale bench ...                      # the same
+    python -m benchmarks --readme            # re-render results.md from results.json into README.md
+
+Each benchmark prints one JSON object; the suite keeps it whole in `results.json` with the machine
+it ran on, and a small summariser per benchmark picks the figures for `results.md`: the measured
+value, the baseline it is compared with (measured in the same run) and their ratio. A benchmark that
+fails or times out is reported with its error line; the others are kept. `--only` re-runs some
+benchmarks and keeps the other entries of an existing `results.json` from the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from dinoscale.utils.io import read_json, write_json, write_text
+
+HERE = Path(__file__).resolve().parent
+README = HERE.parent / "README.md"
+TABLE_START, TABLE_END = "<!-- bench-table:start -->\n", "<!-- bench-table:end -->"
+MODES = ("quick", "default", "full")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One figure of the table. `ratio` says how many times better the measured value is than the
+    baseline (faster, or less memory); `cpu_ratio` the same per CPU-second of the process."""
+
+    figure: str
+    value: float | str | None
+    baseline: str = ""
+    baseline_value: float | None = None
+    ratio: float | None = None
+    cpu_ratio: float | None = None
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    module: str
+    args: dict[str, list[str]]  # per mode; "full" falls back to "default"
+    summarise: Callable[[dict], list[Row]]
+
+    def arguments(self, mode: str) -> list[str]:
+        return self.args.get(mode, self.args["default"])
+
+
+# ----------------------------------------------------------------------------- summarisers
+def summarise_models(out: dict) -> list[Row]:
+    rows = []
+    for name, r in out["results"].items():
+        precision, mode = name.split("_", 1)
+        rows.append(Row(f"ViT-S/14 reg4 {mode.replace('_', '+')} {precision}, img/s", r["dinoscale_img_s"],
+                        "timm", r["timm_img_s"], r["ratio_vs_timm_wall"], r["ratio_vs_timm_cpu_time"]))
+    return rows
+
+
+def summarise_train(out: dict) -> list[Row]:
+    steps = out["one_process_interleaved_steps"]
+    lightly = steps["lightly_dino_only"]
+    one, two = out["trainer_full_objective_1_process"], out["trainer_full_objective_2_processes"]
+    ac, compiled = out["activation_checkpointing"], out["compile"]
+    rows = [
+        Row("train step, DINO+iBOT+KoLeo+Gram, img/s", steps["full_objective"]["images_per_s"],
+            "lightly DINO step", lightly["images_per_s"],
+            out["ratio_full_objective_vs_lightly"], out["cpu_ratio_full_objective_vs_lightly"]),
+        Row("train step, DINO+iBOT+KoLeo, img/s", steps["without_gram"]["images_per_s"], "lightly DINO step",
+            lightly["images_per_s"], out["ratio_without_gram_vs_lightly"], out["cpu_ratio_without_gram_vs_lightly"]),
+        Row("train step MFU, DINO+iBOT+KoLeo+Gram, %", 100 * steps["full_objective"]["mfu"], "lightly DINO step",
+            100 * lightly["mfu"], steps["full_objective"]["mfu"] / lightly["mfu"]),
+        Row("trainer, 2 processes, img/s", two["images_per_s"], "1 process", one["images_per_s"],
+            out["ratio_2_vs_1_process"], out["cpu_ratio_2_vs_1_process"]),
+    ]
+    for mode in ("selective", "full"):
+        memory, baseline_memory = ac[mode]["peak_rss_mb"], ac["none"]["peak_rss_mb"]
+        rows += [Row(f"trainer peak memory, {mode} activation checkpointing, MB", memory,
+                     "no checkpointing", baseline_memory, baseline_memory / memory),
+                 Row(f"trainer speed, {mode} activation checkpointing", None, "no checkpointing", None,
+                     ac[mode]["speed_vs_none"], ac[mode]["cpu_speed_vs_none"])]
+    return rows + [
+        Row("trainer with torch.compile, img/s", compiled["images_per_s"], "eager", None,
+            compiled["speed_vs_eager"], compiled["cpu_speed_vs_eager"]),
+        Row("trainer first step with torch.compile, s", compiled["first_step_s"], "eager",
+            compiled["eager_first_step_s"], compiled["eager_first_step_s"] / compiled["first_step_s"]),
+    ]
+
+
+def summarise_data(out: dict) -> list[Row]:
+    baselines = {"webdataset_multicrop": "webdataset + torchvision multi-crop",
+                 "webdataset_decode_crop": "webdataset decode + 1 crop"}
+    rows = []
+    for workers, r in out["workers"].items():
+        for pool, baseline in (("shards", "webdataset_multicrop"), ("folder", "webdataset_multicrop"),
+                               ("shards", "webdataset_decode_crop")):
+            name = f"dinoscale_{pool}"
+            rows.append(Row(f"data loader, {pool}, {workers} worker{'' if workers == '1' else 's'}, img/s",
+                            r[name]["images_per_s"], baselines[baseline], r[baseline]["images_per_s"],
+                            r[f"ratio_{name}_vs_{baseline}"], r.get(f"cpu_ratio_{name}_vs_{baseline}")))
+    return rows
+
+
+def summarise_embed(out: dict) -> list[Row]:
+    return [
+        Row("embed ViT-S/16 224 px bf16, img/s", out["vit_s16_224_bf16"]["images_per_s"], "fp32",
+            out["vit_s16_224_fp32"]["images_per_s"], out["bf16_speedup_vit_s16"]),
+        Row("embed tiny ViT 32 px bf16, img/s", out["tiny_32_bf16"]["images_per_s"], "fp32",
+            out["tiny_32_fp32"]["images_per_s"], out["bf16_speedup_tiny"]),
+        Row("embed pixels copy-detection 8 px, img/s", out["pixels_8"]["images_per_s"]),
+    ]
+
+
+def summarise_eval(out: dict) -> list[Row]:
+    knn, features, linear = out["knn"], out["features"], out["linear"]
+    dense = knn["variants"]["dense"]
+
+    def search_mib(r: dict) -> float:
+        return r["peak_rss_mib"] - r["rss_before_search_mib"]
+
+    rows = []
+    for name in ("chunked_default", "chunked_small"):
+        r = knn["variants"][name]
+        rows += [Row(f"k-NN {name.replace('_', ' ')}, bank {knn['bank']:,}, queries/s", r["queries_per_s"],
+                     "one dense similarity matrix", dense["queries_per_s"], r["speed_vs_dense"]),
+                 Row(f"k-NN {name.replace('_', ' ')} search memory, MiB", search_mib(r), "one dense similarity matrix",
+                     search_mib(dense), 1 / r["search_memory_vs_dense"] if r["search_memory_vs_dense"] > 0 else None)]
+    return rows + [
+        Row("eval features ViT-S/16 bf16, img/s", features["bf16"]["images_per_s"], "fp32",
+            features["fp32"]["images_per_s"], features["bf16_speedup"]),
+        Row(f"linear-probe grid of {linear['grid_points']} points, s", linear["batched_seconds"],
+            "one run per point", linear["one_run_per_point_seconds"], linear["batched_speedup"]),
+    ]
+
+
+def summarise_curation(out: dict) -> list[Row]:
+    rows = []
+    for r in out["results"]:
+        rows += [Row(f"dedup, {r['n']:,} points ({r['dedup_index']} index), s", r["dedup_s"]),
+                 Row(f"hierarchical k-means, {r['n']:,} points, s", r["kmeans_s"], "plain-PyTorch k-means",
+                     r.get("torch_baseline_s"), r.get("speedup_vs_torch"), r.get("cpu_speedup_vs_torch"))]
+    largest = out["results"][-1]
+    return rows + [
+        Row(f"balance of a hierarchical sample, {largest['n']:,} points", largest["kmeans_balance"],
+            "uniform random sample", largest["random_sample_balance"],
+            largest["kmeans_balance"] / largest["random_sample_balance"]),
+        Row("dedup growth exponent (time ~ N^x)", _exponents(out, "dedup")),
+        Row("hierarchical k-means growth exponent (time ~ N^x)", _exponents(out, "kmeans")),
+    ]
+
+
+def _exponents(out: dict, name: str) -> str:
+    wall, cpu = out[f"{name}_growth_exponent"], out[f"{name}_cpu_growth_exponent"]
+    return "needs two sizes" if wall is None else f"{wall:.2f} (CPU time {cpu:.2f})"
+
+
+BENCHMARKS = {
+    "models": Benchmark("benchmarks.bench_models", {
+        "quick": ["--batch-size", "2", "--img-size", "56", "--rounds", "1"],
+        "default": ["--batch-size", "8", "--rounds", "5", "--threads", "1"]}, summarise_models),
+    "train": Benchmark("benchmarks.bench_train", {
+        "quick": ["--steps", "3", "--batch", "4", "--repeats", "1"],
+        "default": ["--steps", "8", "--batch", "16", "--repeats", "3"]}, summarise_train),
+    "data": Benchmark("benchmarks.bench_data", {
+        "quick": ["--images", "200", "--batch", "16", "--batches", "2", "--rounds", "1"],
+        "default": ["--images", "2000", "--batch", "64", "--batches", "20", "--rounds", "3"]}, summarise_data),
+    "embed": Benchmark("benchmarks.bench_embed", {
+        "quick": ["--images", "8", "--batch-size", "8"],
+        "default": ["--images", "64", "--batch-size", "32"]}, summarise_embed),
+    "eval": Benchmark("benchmarks.bench_eval", {
+        "quick": ["--bank", "5000", "--queries", "200", "--images", "8", "--image-size", "64"],
+        "default": ["--bank", "100000", "--queries", "2000", "--images", "32"]}, summarise_eval),
+    "curation": Benchmark("benchmarks.bench_curation", {
+        "quick": ["--max-n", "10000", "--baseline-max-n", "10000"],
+        "default": ["--max-n", "100000", "--baseline-max-n", "100000"],
+        "full": ["--max-n", "1000000", "--baseline-max-n", "100000"]}, summarise_curation),
+}
+
+
+# ----------------------------------------------------------------------------- running
+def describe_machine() -> dict:
+    """What the figures depend on; no host names or paths."""
+    import faiss
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+              if line.startswith("model name")]
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "cpu": models[0] if models else platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "faiss": faiss.__version__,
+        **{package: version(package) for package in ("torchvision", "timm", "lightly", "webdataset")},
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
+
+
+def run_benchmark(bench: Benchmark, mode: str, timeout: float) -> dict:
+    """One benchmark in a subprocess: its JSON (the last top-level object it printed) or its error line."""
+    command = [sys.executable, "-m", bench.module, *bench.arguments(mode)]
+    entry = {"mode": mode, "command": " ".join(command[1:]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+             "load_average_start": os.getloadavg()[0]}
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        lines = done.stdout.splitlines()
+        starts = [i for i, line in enumerate(lines) if line.startswith("{")]
+        if done.returncode != 0 or not starts:
+            errors = [line for line in done.stderr.splitlines() if line.strip()]
+            entry["error"] = errors[-1] if errors else f"exit status {done.returncode} and no JSON printed"
+        else:
+            entry["result"] = json.loads("\n".join(lines[starts[-1]:]))
+    except subprocess.TimeoutExpired:
+        entry["error"] = f"timed out after {timeout:.0f} s"
+    entry["seconds"] = round(time.perf_counter() - start, 1)
+    entry["load_average_end"] = os.getloadavg()[0]
+    return entry
+
+
+def run_suite(benchmarks: dict[str, Benchmark], names: list[str], mode: str, out_dir: Path, timeout: float) -> dict:
+    """Run `names` of `benchmarks`, writing results.json and results.md after each one."""
+    # faiss and torch spin-wait in OpenMP by default, which starves other processes on a small machine
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    machine = describe_machine()
+    results = {"machine": machine, "benchmarks": {}}
+    previous = out_dir / "results.json"
+    if previous.exists() and set(names) != set(benchmarks):
+        old = read_json(previous)
+        if {k: old["machine"].get(k) for k in ("cpu", "cores", "memory_gib")} == \
+                {k: machine[k] for k in ("cpu", "cores", "memory_gib")}:
+            results["benchmarks"] = {k: v for k, v in old["benchmarks"].items() if k in benchmarks}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        print(f"[bench] {name} ({mode}) ...", file=sys.stderr, flush=True)
+        entry = results["benchmarks"][name] = run_benchmark(benchmarks[name], mode, timeout)
+        print(f"[bench] {name}: {'failed: ' + entry['error'] if 'error' in entry else 'done'} in {entry['seconds']} s",
+              file=sys.stderr, flush=True)
+        write_json(out_dir / "results.json", results)
+        write_text(out_dir / "results.md", render_markdown(results, benchmarks))
+    return results
+
+
+# ----------------------------------------------------------------------------- rendering
+def _number(x: float | str | None) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, str):
+        return x
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def _ratio(x: float | None) -> str:
+    return "—" if x is None else f"**{x:.2f}×**"
+
+
+def render_markdown(results: dict, benchmarks: dict[str, Benchmark]) -> str:
+    m = results["machine"]
+    gpus = ", ".join(m["gpus"]) or "no GPU"
+    lines = [
+        f"Machine: {m['cpu']}, {m['usable_cores']} of {m['cores']} cores usable, {m['memory_gib']} GiB, {gpus}; "
+        f"torch {m['torch']}, faiss {m['faiss']}, Python {m['python']}, OMP_WAIT_POLICY={m['omp_wait_policy']}.",
+        "Each ratio compares the measured figure with its baseline measured in the same run: how many times "
+        "faster (or smaller in memory) it is; above 1 is better. *per CPU-s* is the same per CPU-second of the "
+        "benchmark process, steadier when other jobs share the cores. Modes: quick (smoke test), default "
+        "(laptop-sized; curation up to 10^5 points), full (curation up to 10^6 points). *load* is the 1-minute "
+        "load average before and after the benchmark.",
+        "",
+        "| benchmark | figure | measured | baseline | baseline value | ratio | per CPU-s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, bench in benchmarks.items():
+        entry = results["benchmarks"].get(name)
+        if entry is None:
+            continue
+        label = (f"`{name}` ({entry['mode']}, {entry['seconds'] / 60:.1f} min, "
+                 f"load {entry['load_average_start']:.1f}→{entry['load_average_end']:.1f})")
+        if "error" in entry:
+            lines.append(f"| {label} | **failed**: `{entry['error'].replace('|', '/')}` | | | | | |")
+            continue
+        for row in bench.summarise(entry["result"]):
+            lines.append(f"| {label} | {row.figure} | {_number(row.value)} | {row.baseline} | "
+                         f"{_number(row.baseline_value)} | {_ratio(row.ratio)} | {_ratio(row.cpu_ratio)} |")
+            label = ""
+    return "\n".join(lines) + "\n"
+
+
+def refresh_readme(results_md: Path, readme: Path) -> None:
+    """Put results.md between the README's bench-table markers."""
+    text = readme.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        raise SystemExit(f"{readme.name} has no {TABLE_START.strip()} ... {TABLE_END} block")
+    head, rest = text.split(TABLE_START, 1)
+    write_text(readme, head + TABLE_START + results_md.read_text() + TABLE_END + rest.split(TABLE_END, 1)[1])
+
+
+# ----------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                       help="tiny sizes: a smoke test of every benchmark (minutes)")
+    modes.add_argument("--full", dest="mode", action="store_const", const="full",
+                       help="as the default, with curation up to 10^6 points")
+    modes.add_argument("--readme", dest="mode", action="store_const", const="readme",
+                       help="run nothing: re-render results.md from results.json and copy it into README.md")
+    parser.set_defaults(mode="default")
+    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), metavar="NAME",
+                        help=f"run only these ({', '.join(BENCHMARKS)}); other entries of results.json are kept")
+    parser.add_argument("--out", type=Path, default=HERE, help="folder of results.json and results.md "
+                                                               "(default: the benchmarks package)")
+    parser.add_argument("--timeout", type=float, default=4 * 3600,
+                        help="seconds per benchmark before it counts as failed")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.mode == "readme":
+        write_text(args.out / "results.md", render_markdown(read_json(args.out / "results.json"), BENCHMARKS))
+        refresh_readme(args.out / "results.md", README)
+        print(f"README.md's benchmark table now shows {args.out / 'results.md'}")
+        return 0
+    results = run_suite(BENCHMARKS, args.only or list(BENCHMARKS), args.mode, args.out, args.timeout)
+    print(f"wrote {args.out / 'results.json'} and results.md; "
+          "`python -m benchmarks --readme` puts the table in README.md")
+    return int(any("error" in e for e in results["benchmarks"].values()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

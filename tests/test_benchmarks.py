@@ -1,0 +1,64 @@
+"""The benchmark suite runner (benchmarks/suite.py) on fake benchmark modules, and the README's table."""
+
+import os
+import socket
+import textwrap
+from pathlib import Path
+
+from benchmarks.suite import BENCHMARKS, Benchmark, Row, refresh_readme, render_markdown, run_suite
+from dinoscale.cli import build_parser
+from dinoscale.utils.io import read_json
+
+ROOT = Path(__file__).parents[1]
+
+
+def summarise_fake(out: dict) -> list[Row]:
+    return [Row("fake figure, img/s", out["value"], "fake baseline", out["baseline"], out["value"] / out["baseline"]),
+            Row("arguments", " ".join(out["argv"]))]
+
+
+def test_suite_keeps_each_result_reports_failures_and_merges(tmp_path, monkeypatch):
+    (tmp_path / "fake_bench_ok.py").write_text(textwrap.dedent("""
+        import json, sys
+        print(json.dumps({"n": 1}))  # a progress line before the report, as bench_curation prints
+        print(json.dumps({"value": 30.0, "baseline": 15.0, "argv": sys.argv[1:]}, indent=2))
+    """))
+    (tmp_path / "fake_bench_broken.py").write_text("raise ValueError('no readable image in the pool')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    fakes = {"ok": Benchmark("fake_bench_ok", {"quick": ["--size", "1"], "default": ["--size", "9"]}, summarise_fake),
+             "broken": Benchmark("fake_bench_broken", {"default": []}, summarise_fake)}
+    out = tmp_path / "results"
+
+    run_suite(fakes, ["ok", "broken"], "quick", out, timeout=120)
+
+    results = read_json(out / "results.json")
+    assert results["benchmarks"]["ok"]["result"] == {"value": 30.0, "baseline": 15.0, "argv": ["--size", "1"]}
+    assert results["benchmarks"]["broken"]["error"] == "ValueError: no readable image in the pool"
+    assert {"cpu", "cores", "memory_gib", "gpus", "torch", "faiss"} <= set(results["machine"])
+    text = (out / "results.json").read_text()
+    assert str(tmp_path) not in text and socket.gethostname() not in text
+    table = (out / "results.md").read_text()
+    assert table == render_markdown(results, fakes)
+    assert "| fake figure, img/s | 30 | fake baseline | 15 | **2.00×** | — |" in table
+    assert "| arguments | --size 1 |" in table
+    assert "| **failed**: `ValueError: no readable image in the pool` |" in table
+
+    run_suite(fakes, ["ok"], "default", out, timeout=120)  # a re-run of one keeps the other's entry
+    results = read_json(out / "results.json")
+    assert results["benchmarks"]["ok"]["result"]["argv"] == ["--size", "9"]
+    assert "error" in results["benchmarks"]["broken"]
+
+
+def test_refresh_readme_replaces_only_the_block(tmp_path):
+    (tmp_path / "results.md").write_text("| new | table |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench-table:start -->\n| old |\n<!-- bench-table:end -->\nafter\n")
+    refresh_readme(tmp_path / "results.md", readme)
+    assert readme.read_text() == "intro\n<!-- bench-table:start -->\n| new | table |\n<!-- bench-table:end -->\nafter\n"
+
+
+def test_dinoscale_bench_command_takes_the_suite_options():
+    args = build_parser().parse_args(["bench", "--quick", "--only", "data", "embed"])
+    assert (args.mode, args.only) == ("quick", ["data", "embed"])
+
