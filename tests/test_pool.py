@@ -1,5 +1,6 @@
 import io
 import json
+import logging
 import pickle
 import tarfile
 
@@ -101,6 +102,18 @@ def test_broken_files_are_skipped_and_counted(tmp_path):
     assert np.asarray(images["f_cmyk"])[10, 10].tolist()[0] > 200
     assert abs(int(np.asarray(images["g_16bit"])[0, 0, 0]) - 128) <= 1  # scaled, not clipped to 255
     assert np.asarray(images["i_grey"])[0, 0].tolist() == [77, 77, 77]
+
+
+def test_a_skipped_image_is_logged_once_and_counted_every_time(tmp_path, caplog):
+    root = tmp_path / "pool"
+    root.mkdir()
+    (root / "bad.jpg").write_bytes(b"")
+    pool = open_pool(root)
+    with caplog.at_level(logging.INFO, logger="dinoscale"):
+        for _ in range(3):  # three epochs
+            assert pool.load(0) is None
+    assert sum("skipping bad" in record.getMessage() for record in caplog.records) == 1
+    assert pool.skipped["empty"] == 3
 
 
 @pytest.mark.parametrize("n_items", [1, 7, 100])

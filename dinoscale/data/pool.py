@@ -160,6 +160,7 @@ class ImagePool:
         self.max_pixels = max_pixels
         self.min_side = min_side
         self.skipped: Counter[str] = Counter()
+        self._logged_skips: set[int] = set()  # each skipped item is logged once, not once per epoch
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -179,7 +180,9 @@ class ImagePool:
         result = decode_image(self.read_bytes(index), self.max_pixels, self.min_side)
         if result.image is None:
             self.skipped[result.skip_reason] += 1
-            log.info("skipping %s: %s", self.keys[index], result.skip_reason)
+            if index not in self._logged_skips:
+                self._logged_skips.add(index)
+                log.info("skipping %s: %s", self.keys[index], result.skip_reason)
         return result.image
 
     def content_hash(self, index: int) -> str:
