@@ -117,11 +117,21 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm with its weight and bias in the input's dtype: an fp32 residual stream is
+    normalised in fp32 also when the parameters are gathered in bf16 (FSDP mixed precision)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
 def make_norm(kind: str, dim: int) -> nn.Module:
     """`layernorm` (eps 1e-6, DINOv2), `layernormbf16` (eps 1e-5, DINOv3) or `rmsnorm`."""
     if kind == "rmsnorm":
         return RMSNorm(dim, eps=NORM_EPS[kind])
-    return nn.LayerNorm(dim, eps=NORM_EPS[kind])
+    return LayerNorm(dim, eps=NORM_EPS[kind])
 
 
 def make_ffn(kind: str, dim: int, ratio: float, bias: bool, fused_swiglu: bool) -> nn.Module:

@@ -1,12 +1,14 @@
-"""One distributed code path: a single process is world size 1; torchrun and SLURM
-(`SLURM_PROCID`, `SLURM_NTASKS`, ... when not under torchrun) are both recognised.
+"""One distributed code path: a single process is a process group of world size 1; torchrun and
+SLURM (`SLURM_PROCID`, `SLURM_NTASKS`, ... when not under torchrun) are both recognised.
 NCCL on CUDA, gloo on CPU, one device per rank."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -51,7 +53,8 @@ def env_from_slurm() -> dict[str, str]:
 
 
 def init_distributed() -> DistInfo:
-    """Initialise the process group when launched by torchrun or SLURM; else world size 1."""
+    """Initialise the process group: the ranks torchrun or SLURM launched, else a world of one
+    (an in-process store; no port is opened)."""
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         os.environ.update(env_from_slurm())
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -62,11 +65,25 @@ def init_distributed() -> DistInfo:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+        store = dist.HashStore() if world_size == 1 else None
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, store=store,
                                 device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, world_size, local_rank, device)
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[DistInfo]:
+    """`init_distributed` for the duration of the block; a process group it started is destroyed
+    at the end (one that existed before is left alone)."""
+    started = not dist.is_initialized()
+    info = init_distributed()
+    try:
+        yield info
+    finally:
+        if started:
+            dist.destroy_process_group()
 
 
 def get_rank() -> int:
@@ -80,8 +97,3 @@ def get_world_size() -> int:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def cleanup() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

@@ -4,6 +4,8 @@ Kept apart from the model code (as torchtitan does): `parallelize` takes the pla
 applies, per transformer block, activation checkpointing, `torch.compile` and `fully_shard`,
 then shards each backbone and head at its root. The EMA teacher and the Gram teacher are
 sharded the same way as the student, so the EMA update is a local operation on matching shards.
+A single process is a world of one and is sharded the same way, so it computes in the same
+precision as N ranks.
 """
 
 from __future__ import annotations
@@ -58,17 +60,24 @@ def apply_compile(blocks: Iterable[nn.Module]) -> None:
 
 
 def mixed_precision_policy(compute_dtype: torch.dtype) -> MixedPrecisionPolicy:
-    """bf16 parameters for compute and communication, fp32 gradient reduction; fp32 masters stay sharded."""
+    """Blocks and heads: parameters gathered in the compute dtype, fp32 gradient reduction; fp32
+    masters stay sharded. Inputs are not cast: under autocast the residual stream stays in the
+    dtype the backbone root gives it, and RoPE tables stay fp32."""
     if compute_dtype == torch.float32:
         return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+# the backbone root (patch embedding, tokens, position embedding, final norms: a few 100k parameters)
+# keeps fp32 parameters, so the tokens it makes, and with them the residual stream, are fp32
+ROOT_POLICY = MixedPrecisionPolicy(cast_forward_inputs=False)
 
 
 def shard_backbone(backbone: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
     blocks = list(backbone.blocks)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(backbone, mesh=mesh, mp_policy=policy)
+    fully_shard(backbone, mesh=mesh, mp_policy=ROOT_POLICY)
     # prefetch the next block's parameters while the current one computes
     for current, following in zip(blocks, blocks[1:]):
         current.set_modules_to_forward_prefetch([following])
@@ -81,11 +90,11 @@ def parallelize(branches: Iterable[nn.ModuleDict], device: torch.device, world_s
     """Shard every branch (student, teacher, Gram teacher: ModuleDicts of backbone and heads).
 
     `checkpointed` names the branches that run a backward (the student): they get activation
-    checkpointing; the others (teachers) reshard right after forward. With one rank nothing is
-    sharded.
+    checkpointing; the others (teachers) reshard right after forward. Needs a process group, also
+    for a world of one (`init_distributed` starts it).
     """
     checkpointed = list(checkpointed)
-    mesh = init_device_mesh(device.type, (world_size,)) if world_size > 1 else None
+    mesh = init_device_mesh(device.type, (world_size,))
     policy = mixed_precision_policy(compute_dtype)
     for branch in branches:
         backbone = branch["backbone"]
@@ -93,8 +102,6 @@ def parallelize(branches: Iterable[nn.ModuleDict], device: torch.device, world_s
             apply_activation_checkpointing(backbone.blocks, activation_checkpointing)
         if compile_blocks:
             apply_compile(backbone.blocks)
-        if world_size == 1:
-            continue
         shard_backbone(backbone, mesh, policy)
         for name, module in branch.items():
             if name != "backbone":

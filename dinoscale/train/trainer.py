@@ -1,7 +1,8 @@
 """The scalable trainer: `dinoscale train CONFIG [overrides]`, alone, under torchrun or on SLURM.
 
-One loop for every scale: FSDP2 shards the student, the EMA teacher and the Gram teacher when
-there is more than one rank; bf16 compute with fp32 master weights where the hardware has it;
+One loop for every scale: FSDP2 shards the student, the EMA teacher and the Gram teacher over
+the ranks (a single process is a world of one, sharded the same way, so it computes in the same
+precision); bf16 compute with fp32 master weights and residual stream where the hardware has it;
 a deterministic batch stream; DCP checkpoints every N iterations and on SIGTERM/SIGUSR2; JSONL
 metrics with images/s and MFU; a NaN/inf guard that names the term and keeps the last good
 checkpoint; and the teacher backbone exported at the end.
@@ -26,7 +27,7 @@ from dinoscale.data.stream import BatchStream, Source, make_loader
 from dinoscale.errors import ConfigError, DinoscaleError
 from dinoscale.models.loading import load_backbone, save_backbone
 from dinoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from dinoscale.train.distributed import DistInfo, init_distributed
+from dinoscale.train.distributed import DistInfo, process_group
 from dinoscale.train.metrics import (MetricsLogger, backbone_forward_flops, head_forward_flops, measure_matmul_peak,
                                      peak_memory_mb)
 from dinoscale.train.optim import apply_schedules, build_optimizer, clip_gradients
@@ -159,24 +160,35 @@ def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict
     return metrics
 
 
-def train(cfg: DictConfig) -> Path | None:
-    """Train (or resume) the run in cfg.train.output_dir; returns the exported teacher's path,
-    or None when a signal stopped the run before the end (after writing a checkpoint)."""
-    dist_info = init_distributed()
-    run_dir = Path(cfg.train.output_dir)
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+def build_model(cfg: DictConfig, dist_info: DistInfo) -> tuple[SSLMetaArch, torch.optim.AdamW]:
+    """The SSL model on this rank's device, its pretrained weights loaded, sharded over the process
+    group (compute dtype, activation checkpointing and compile as configured), and its optimizer."""
     torch.manual_seed(cfg.seed)
     compute_dtype = autocast_dtype(dist_info.device, cfg.train.mixed_precision)
-    global_batch = cfg.train.batch_size_per_gpu * dist_info.world_size
-    model = SSLMetaArch(cfg, global_batch).to(dist_info.device)
+    model = SSLMetaArch(cfg, cfg.train.batch_size_per_gpu * dist_info.world_size).to(dist_info.device)
     if cfg.student.pretrained_weights:
         _load_pretrained(model, cfg.student.pretrained_weights)
     branches = [b for b in (model.student, model.teacher, model.gram_teacher) if b is not None]
     parallelize(branches, dist_info.device, dist_info.world_size, compute_dtype or torch.float32,
                 cfg.train.activation_checkpointing, cfg.train.compile, checkpointed=[model.student])
-    optimizer = build_optimizer(model.student, cfg)
+    return model, build_optimizer(model.student, cfg)
+
+
+def train(cfg: DictConfig) -> Path | None:
+    """Train (or resume) the run in cfg.train.output_dir; returns the exported teacher's path,
+    or None when a signal stopped the run before the end (after writing a checkpoint)."""
+    with process_group() as dist_info:
+        return _train(cfg, dist_info)
+
+
+def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
+    run_dir = Path(cfg.train.output_dir)
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    compute_dtype = autocast_dtype(dist_info.device, cfg.train.mixed_precision)
+    global_batch = cfg.train.batch_size_per_gpu * dist_info.world_size
+    model, optimizer = build_model(cfg, dist_info)
 
     start = 0
     checkpoint = latest_checkpoint(run_dir)
