@@ -5,7 +5,7 @@ the same shards with plain webdataset (`WebDataset(...).decode("pil")`, `.batche
 DINOv2's torchvision multi-crop augmentation with the same crops (no masks), and a bare decode + one
 RandomResizedCrop (what reading alone costs).
 
-Synthetic 64-px images (80% JPEG, 20% PNG) are written to a temporary folder. In every round each
+Synthetic 64-px images (about 80% JPEG, 20% PNG) are written to a temporary folder. In every round each
 pipeline runs once per worker count, the order reversed every other round; a loader is timed over
 `--batches` batches after its first `workers + 1` (worker start-up left out). images/s is the median
 over the rounds, a ratio the median of the per-round ratios. With 0 workers all the work is in this

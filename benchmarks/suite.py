@@ -272,15 +272,18 @@ def _number(x: float | str | None) -> str:
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
-def _ratio(x: float | None) -> str:
-    return "—" if x is None else f"**{x:.2f}×**"
+def _ratio(x: float | None, bold: bool = False) -> str:
+    if x is None:
+        return "—"
+    return f"**{x:.2f}×**" if bold else f"{x:.2f}×"
 
 
 def render_markdown(results: dict, benchmarks: dict[str, Benchmark]) -> str:
     m = results["machine"]
     gpus = ", ".join(m["gpus"]) or "no GPU"
     lines = [
-        f"Machine: {m['cpu']}, {m['usable_cores']} of {m['cores']} cores usable, {m['memory_gib']} GiB, {gpus}; "
+        f"Machine: {m['cpu']} ({m['cpu_capability']}), {m['usable_cores']} of {m['cores']} cores usable, "
+        f"{m['memory_gib']} GiB, {gpus}; "
         f"torch {m['torch']}, faiss {m['faiss']}, Python {m['python']}, OMP_WAIT_POLICY={m['omp_wait_policy']}.",
         "Each ratio compares the measured figure with its baseline measured in the same run: how many times "
         "faster (or smaller in memory) it is; above 1 is better. *per CPU-s* is the same per CPU-second of the "
@@ -302,7 +305,7 @@ def render_markdown(results: dict, benchmarks: dict[str, Benchmark]) -> str:
             continue
         for row in bench.summarise(entry["result"]):
             lines.append(f"| {label} | {row.figure} | {_number(row.value)} | {row.baseline} | "
-                         f"{_number(row.baseline_value)} | {_ratio(row.ratio)} | {_ratio(row.cpu_ratio)} |")
+                         f"{_number(row.baseline_value)} | {_ratio(row.ratio, bold=True)} | {_ratio(row.cpu_ratio)} |")
             label = ""
     return "\n".join(lines) + "\n"
 
