@@ -34,17 +34,18 @@ from dinoscale.eval.linear import linear_probe
 from dinoscale.eval.report import Section, plot_loss_curves, read_metrics, write_report
 from dinoscale.eval.visualize import render_pictures
 from dinoscale.models import build_backbone, load_backbone
-from dinoscale.train.trainer import EXPORT_NAME, train
+from dinoscale.train.trainer import EXPORT_NAME, total_iterations, train
 from dinoscale.utils.io import write_json
 from dinoscale.utils.logging import get_logger
 from dinoscale.utils.stages import is_done, mark_done, read_marker
 
 log = get_logger(__name__)
 
+# about a minute on 2 cores: a small pool, two rounds of 150 iterations of 64 images
 QUICK_OVERRIDES = [
-    "demo.pool_images=400", "demo.image_size=32", "demo.eval_per_class=10", "demo.embedder_iterations=30",
-    "demo.pictures=3", "train.max_iterations=60", "train.batch_size_per_gpu=32", "train.num_workers=1",
-    "curation.sampling.target_size=200", "curation.kmeans.n_clusters=[30,8]", "curation.kmeans.sample_size=[3,2]",
+    "demo.pool_images=500", "demo.image_size=32", "demo.eval_per_class=20", "demo.embedder_epochs=3",
+    "demo.pictures=3", "train.OFFICIAL_EPOCH_LENGTH=50", "optim.epochs=3", "train.num_workers=1",
+    "curation.sampling.target_size=300", "curation.kmeans.n_clusters=[30,8]", "curation.kmeans.sample_size=[3,2]",
     "curation.shards.shard_size=100", "eval.linear_epochs=30",
 ]
 
@@ -81,14 +82,18 @@ def train_stage(cfg: DictConfig, run_dir: Path, dataset: Path, overrides: Sequen
 
 
 def embedder_overrides(cfg: DictConfig) -> list[str]:
-    return [f"train.max_iterations={cfg.demo.embedder_iterations}", "gram.use_loss=false"]
+    return [f"optim.epochs={cfg.demo.embedder_epochs}", "gram.use_loss=false"]
 
 
-def final_overrides(cfg: DictConfig) -> list[str]:
-    """Gram anchoring for the last `demo.gram_fraction` of the run, its teacher taken at that point."""
-    iterations = cfg.train.max_iterations
+def final_overrides(cfg: DictConfig, embedder: Path) -> list[str]:
+    """Gram anchoring for the last `demo.gram_fraction` of the run, its teacher taken at that point;
+    the backbone continues from the embedder's unless `demo.continue_from_embedder` is false."""
+    iterations = total_iterations(cfg)
     first = int(iterations * (1 - cfg.demo.gram_fraction))
-    return ["gram.use_loss=true", f"gram.it_first_update={first}", f"gram.update_frequency={max(iterations, 1)}"]
+    overrides = ["gram.use_loss=true", f"gram.it_first_update={first}", f"gram.update_frequency={max(iterations, 1)}"]
+    if cfg.demo.continue_from_embedder:
+        overrides.append(f"student.pretrained_weights={embedder}")
+    return overrides
 
 
 def normalised_entropy(counts: Sequence[int]) -> float:
@@ -179,7 +184,7 @@ def run_demo(out: str | Path, quick: bool = False, overrides: Sequence[str] = ()
     shards_dir = stage_dir(curate_cfg, "shards")
     log.info("stage 3/5 done: curated shards in %s", shards_dir)
 
-    teacher = train_stage(cfg, out / "train", shards_dir, final_overrides(cfg))
+    teacher = train_stage(cfg, out / "train", shards_dir, final_overrides(cfg, embedder))
     log.info("stage 4/5 done: teacher trained on the curated shards")
 
     evaluation = evaluation_stage(cfg, out, teacher, synthetic_dir)
