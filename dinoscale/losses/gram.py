@@ -11,8 +11,8 @@ from dinoscale.errors import ConfigError
 RESIZE_METHODS = ("bicubic", "bilinear", "nearest")
 
 
-# rows of the batch-level similarity matrices computed at a time (x all columns: 16 MiB per fp32 block at 4M)
-GRAM_BLOCK_ELEMENTS = 1 << 22
+# entries of a block of rows of the batch-level similarity matrices (4 MiB per fp32 block)
+GRAM_BLOCK_ELEMENTS = 1 << 20
 
 
 class GramLoss(nn.Module):
@@ -70,8 +70,9 @@ class _BatchGramMSE(torch.autograd.Function):
         for start in range(0, n_rows, block):
             rows = slice(start, start + block)
             student_sim, teacher_sim, kept = remove_negatives(student[rows] @ student.T, teacher[rows] @ teacher.T)
-            error = student_sim - teacher_sim
-            squared_error += error.square().sum()
+            error = student_sim.sub_(teacher_sim).flatten()  # a fresh block: subtract in place
+            squared_error += torch.dot(error, error)
+            error = error.view_as(teacher_sim)
             if grad is not None:
                 grad[rows] = (error if kept is None else error * kept) @ student
         if grad is not None:
