@@ -5,6 +5,7 @@ NCCL on CUDA, gloo on CPU, one device per rank."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import subprocess
 from dataclasses import dataclass
@@ -76,13 +77,18 @@ def init_distributed() -> DistInfo:
 @contextlib.contextmanager
 def process_group() -> Iterator[DistInfo]:
     """`init_distributed` for the duration of the block; a process group it started is destroyed
-    at the end (one that existed before is left alone)."""
+    at the end, after a barrier when the block ended normally (one that existed before is left alone)."""
     started = not dist.is_initialized()
     info = init_distributed()
     try:
         yield info
+        if started:  # no rank tears its group down while a peer still has work on it
+            dist.barrier()
     finally:
         if started:
+            # FSDP modules sit in reference cycles that hold the group: free them now, not in the
+            # interpreter's finalisation, where gloo's threads can abort the process
+            gc.collect()
             dist.destroy_process_group()
 
 
