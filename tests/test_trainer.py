@@ -13,7 +13,9 @@ import torch
 import yaml
 
 from dinoscale.config import load_config
+from dinoscale.data.pool import open_pool
 from dinoscale.data.synthetic import SyntheticSpec, make_synthetic_pool
+from dinoscale.eval.evaluate import evaluate_knn, knn_metrics
 from dinoscale.models import build_backbone, load_backbone
 from dinoscale.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from dinoscale.train.export import export_run
@@ -223,6 +225,22 @@ def test_bf16_mixed_precision_trains(workdir):
     losses = _losses(workdir / "bf16")
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(m["total_loss"])) for m in losses.values())
     assert load_backbone(exported).embed_dim == 32
+
+
+def test_online_knn_logs_the_teacher_accuracy_every_period(workdir):
+    data = workdir / "data"
+    eval_overrides = [f"eval.train_dataset={data / 'eval_train'}", f"eval.val_dataset={data / 'eval_test'}",
+                      "eval.image_size=16", "eval.num_workers=0", "eval.knn_k=[1,3]"]
+    cfg = load_config(str(workdir / "tiny.yaml"), _overrides(workdir, "online_knn", "train.max_iterations=4",
+                                                                 "eval.online_knn_period_iterations=2", *eval_overrides))
+    exported = train(cfg)
+    logged = _losses(workdir / "online_knn")
+    knn_keys = {"knn_top1_k1", "knn_top1_k3", "knn_top5_k1", "knn_top5_k3"}
+    assert [sorted(knn_keys & set(m)) for _, m in sorted(logged.items())] == [[], sorted(knn_keys)] * 2
+    # the last one is the k-NN of the teacher the run exports, evaluated on its own
+    expected = evaluate_knn(load_backbone(exported), open_pool(data / "eval_train"), open_pool(data / "eval_test"),
+                            load_config(None, eval_overrides).eval)
+    assert {k: logged[3][k] for k in knn_keys} == knn_metrics(expected)
 
 
 @pytest.mark.slow

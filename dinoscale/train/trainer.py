@@ -4,7 +4,8 @@ One loop for every scale: FSDP2 shards the student, the EMA teacher and the Gram
 the ranks (a single process is a world of one, sharded the same way, so it computes in the same
 precision); bf16 compute with fp32 master weights and residual stream where the hardware has it;
 a deterministic batch stream; DCP checkpoints every N iterations and on SIGTERM/SIGUSR2; JSONL
-metrics with images/s and MFU; a NaN/inf guard that names the term and keeps the last good
+metrics with images/s and MFU, and the EMA teacher's k-NN accuracy every
+eval.online_knn_period_iterations; a NaN/inf guard that names the term and keeps the last good
 checkpoint; and the teacher backbone exported at the end.
 """
 
@@ -25,7 +26,10 @@ from dinoscale.data.masking import MaskingGenerator
 from dinoscale.data.pool import open_pool
 from dinoscale.data.stream import BatchStream, Source, make_loader
 from dinoscale.errors import ConfigError, DinoscaleError
+from dinoscale.eval.evaluate import online_knn, open_labelled
+from dinoscale.eval.features import LabelledImages
 from dinoscale.models.loading import load_backbone, save_backbone
+from dinoscale.models.vit import VisionTransformer
 from dinoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dinoscale.train.distributed import DistInfo, process_group
 from dinoscale.train.metrics import (MetricsLogger, backbone_forward_flops, head_forward_flops, measure_matmul_peak,
@@ -137,6 +141,19 @@ def export_teacher(model: SSLMetaArch, path: Path, is_main: bool) -> None:
         save_backbone(model.teacher.backbone, path, state_dict=full)
 
 
+def teacher_knn(model: SSLMetaArch, labelled: tuple[LabelledImages, LabelledImages], cfg: DictConfig,
+                device: torch.device) -> dict[str, float]:
+    """k-NN metrics of the EMA teacher's backbone on the labelled eval sets: the backbone is gathered
+    whole into a plain copy on every rank (a collective), and the feature extraction shares the
+    images out over the ranks."""
+    teacher = model.teacher.backbone
+    weights = get_model_state_dict(teacher, options=StateDictOptions(full_state_dict=True))
+    with torch.device("meta"):
+        backbone = VisionTransformer(teacher.spec)
+    backbone.load_state_dict(weights, assign=True)
+    return online_knn(backbone, *labelled, cfg.eval, device)
+
+
 def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict, iteration: int, cfg: DictConfig,
                autocast: torch.autocast, rank: int, run_dir: Path) -> dict[str, float]:
     """One iteration on this rank's batch: scheduled lr and weight decay, forward and backward under
@@ -203,6 +220,9 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
     batches = iter(make_loader(build_stream(cfg, dist_info, start), cfg.train.num_workers))
     autocast = torch.autocast(dist_info.device.type, dtype=compute_dtype or torch.bfloat16,
                               enabled=compute_dtype is not None)
+    knn_period = cfg.eval.online_knn_period_iterations
+    labelled = (open_labelled(cfg.eval.train_dataset, "train"),
+                open_labelled(cfg.eval.val_dataset, "val")) if knn_period else None
 
     with PreemptionGuard() as guard:  # SIGTERM / SIGUSR2: checkpoint at the end of the step, then stop
         for iteration in range(start, n_iterations):
@@ -215,6 +235,10 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
                            images_per_s=global_batch / seconds, peak_flops=peak_flops,
                            mfu=step_flops(model, batch) / seconds / peak_flops,
                            peak_memory_mb=peak_memory_mb(dist_info.device))
+            if knn_period and (iteration + 1) % knn_period == 0:
+                metrics.update(teacher_knn(model, labelled, cfg, dist_info.device))
+                log.info("it %d: teacher k-NN top-1 %s", iteration,
+                         {k: round(v, 2) for k, v in metrics.items() if k.startswith("knn_top1")})
             metrics_log.log(metrics)
             if iteration % cfg.train.log_period_iterations == 0:
                 log.info("it %d/%d loss %.4f  %.1f img/s  mfu %.1f%%", iteration, n_iterations,
