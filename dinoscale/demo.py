@@ -248,7 +248,8 @@ def write_demo_report(cfg: DictConfig, out: Path, synthetic_dir: Path, curate_cf
     eval_rows = [["representation", "k-NN top-1", "linear top-1"]] + [
         [name, _fmt_accuracy(r["knn_top1"]), _fmt_accuracy(r["linear_top1"])] for name, r in summary["evaluation"].items()]
     test_images = open_labelled(synthetic_dir / "eval_test", "val")
-    pictures = render_pictures(load_backbone(teacher).eval(), test_images, image_size=cfg.eval.image_size,
+    # at the images' native size, twice the training crops: a finer patch grid (the position embedding is interpolated)
+    pictures = render_pictures(load_backbone(teacher).eval(), test_images, image_size=cfg.demo.image_size,
                                n_images=cfg.demo.pictures)
     metrics = read_metrics(out / "train" / "metrics.jsonl")
     sections = [
@@ -268,8 +269,8 @@ def write_demo_report(cfg: DictConfig, out: Path, synthetic_dir: Path, curate_cf
                 f"{cfg.demo.gram_fraction:.0%}.", images={"loss curves": plot_loss_curves(metrics)}),
         Section("Evaluation", "Held-out labelled split; the same architecture at random init and raw pixels "
                 "(16x16) as baselines.", table=eval_rows),
-        Section("Pictures", "PCA of patch features (first component separates the foreground) and CLS attention "
-                "of the last layer.", images=pictures),
+        Section("Pictures", f"PCA of patch features (first component separates the foreground) and CLS attention "
+                f"of the last layer, on {cfg.demo.image_size}-px images.", images=pictures),
     ]
     paths = write_report(out, "dinoscale demo", sections, summary)
     return paths["html"]
