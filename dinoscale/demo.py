@@ -127,6 +127,23 @@ def class_histograms(synthetic_dir: Path, pool_keys: list[str], selected: np.nda
     return {"raw": raw.tolist(), "curated": curated.tolist()}
 
 
+def cluster_class_purity(synthetic_dir: Path, pool_keys: list[str], selected: np.ndarray,
+                         cluster_path: np.ndarray) -> list[float]:
+    """Per k-means level (finest first), the share of curated images whose cluster's most frequent
+    hidden class is their own: balanced sampling equalises clusters, so it equalises classes only
+    as far as the clusters follow them."""
+    labels = json.loads((synthetic_dir / "pool_labels.json").read_text())
+    y = np.array([labels[pool_keys[int(i)]] for i in selected])
+    labelled = y >= 0
+    purity = []
+    for clusters in cluster_path[labelled].T:
+        _, cluster_of = np.unique(clusters, return_inverse=True)
+        counts = np.zeros((cluster_of.max() + 1, y.max() + 1), dtype=np.int64)
+        np.add.at(counts, (cluster_of, y[labelled]), 1)
+        purity.append(float(counts.max(axis=1).sum() / labelled.sum()))
+    return purity
+
+
 def pixel_features(images) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw pixels (downsampled to 16x16) as the weakest baseline representation."""
     rows, labels = [], []
@@ -202,14 +219,16 @@ def build_summary(cfg: DictConfig, out: Path, synthetic_dir: Path, curate_cfg: D
                   evaluation: dict) -> dict[str, Any]:
     pool = open_pool(synthetic_dir / "pool")
     selected = np.load(stage_dir(curate_cfg, "sample") / "selected.npy")
+    cluster_path = np.load(stage_dir(curate_cfg, "sample") / "cluster_path.npy")
     histograms = class_histograms(synthetic_dir, pool.keys, selected)
     metrics = read_metrics(out / "train" / "metrics.jsonl")
     return {
-        "pool": {"n_items": len(pool), "readable": curation["embed"].get("n_valid", None)},
+        "pool": {"n_items": len(pool), "readable": curation["embed"]["valid"]},
         "curation": {name: counts for name, counts in curation.items()},
         "duplicates": duplicate_scores(stage_dir(curate_cfg, "dedup"), synthetic_dir, pool.keys),
         "class_histogram": histograms,
         "normalised_class_entropy": {k: normalised_entropy(v) for k, v in histograms.items()},
+        "cluster_class_purity": cluster_class_purity(synthetic_dir, pool.keys, selected, cluster_path),
         "training": {"iterations": len(metrics), "final_total_loss": metrics[-1]["total_loss"] if metrics else None,
                      "mean_images_per_s": float(np.mean([m["images_per_s"] for m in metrics[1:]] or [0.0]))},
         "evaluation": evaluation,
@@ -245,6 +264,7 @@ def write_demo_report(cfg: DictConfig, out: Path, synthetic_dir: Path, curate_cf
     groups = sorted(dedup.groups, key=lambda g: -len(g))[:4]
     duplicates = summary["duplicates"]
     entropy = summary["normalised_class_entropy"]
+    purity = ", ".join(f"{p:.2f}" for p in summary["cluster_class_purity"])
     eval_rows = [["representation", "k-NN top-1", "linear top-1"]] + [
         [name, _fmt_accuracy(r["knn_top1"]), _fmt_accuracy(r["linear_top1"])] for name, r in summary["evaluation"].items()]
     test_images = open_labelled(synthetic_dir / "eval_test", "val")
@@ -261,7 +281,9 @@ def write_demo_report(cfg: DictConfig, out: Path, synthetic_dir: Path, curate_cf
                 f"{duplicates['precision']:.3f}, recall {duplicates['recall']:.3f} against the ground truth.",
                 images={f"group {i}": thumbnail_row(pool, g[:8], highlight_first=True) for i, g in enumerate(groups)}),
         Section("Class balance", f"Normalised class entropy (labels hidden from curation): raw {entropy['raw']:.3f}, "
-                f"curated {entropy['curated']:.3f}.",
+                f"curated {entropy['curated']:.3f}. Share of curated images in a cluster whose majority class "
+                f"is theirs, per k-means level (finest first): {purity}; balanced sampling balances the "
+                "classes only as far as the embedder's clusters follow them.",
                 images={"class histograms": _bar_chart(summary["class_histogram"], CLASS_NAMES)}),
         Section("Cluster sizes per k-means level", "Before and after balanced sampling.",
                 images={"cluster sizes": (stage_dir(curate_cfg, "report") / "cluster_sizes.png").read_bytes()}),

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
-from dinoscale.demo import run_demo
+from dinoscale.demo import cluster_class_purity, run_demo
 
 pytestmark = pytest.mark.slow
 
@@ -25,6 +26,8 @@ def test_quick_demo_writes_a_summary_and_a_self_contained_report(demo):
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 8  # pool, curated set, duplicates, histograms, curves, pictures
     assert "src=\"http" not in html and "src='http" not in html  # nothing to fetch
+    corrupt = json.loads((out / "synthetic" / "corrupt.json").read_text())
+    assert summary["pool"]["readable"] == summary["pool"]["n_items"] - len(corrupt) > 0
 
 
 def test_quick_demo_finds_the_duplicates(demo):
@@ -47,3 +50,12 @@ def test_rerunning_the_demo_skips_finished_stages(demo):
     again = run_demo(out, quick=True)
     assert metrics.stat().st_mtime_ns == before
     assert again["evaluation"] == summary["evaluation"]
+
+
+def test_cluster_class_purity_is_the_share_in_their_clusters_majority_class(tmp_path):
+    (tmp_path / "pool_labels.json").write_text(json.dumps({"a": 0, "b": 0, "c": 1, "d": 1, "bad": -1}))
+    keys = ["a", "b", "c", "d", "bad"]
+    selected = np.array([0, 1, 2, 3, 4])
+    # finest level: {a, b, c} (majority class 0: 2 of 3) and {d, bad} (d alone is labelled); coarsest: one cluster
+    cluster_path = np.array([[5, 0], [5, 0], [5, 0], [7, 0], [7, 0]])
+    assert cluster_class_purity(tmp_path, keys, selected, cluster_path) == [3 / 4, 2 / 4]
