@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dinoscale.slurm.submit import (JobResources, dry_run_curation, dry_run_eval, dry_run_train, follow_hint,
+from dinoscale.slurm.commands import (JobResources, dry_run_curation, dry_run_eval, dry_run_train, follow_hint,
                                     submit_curation, submit_eval, submit_train)
 from dinoscale.slurm.wait import wait_for
 

@@ -77,13 +77,11 @@ def init_distributed() -> DistInfo:
 @contextlib.contextmanager
 def process_group() -> Iterator[DistInfo]:
     """`init_distributed` for the duration of the block; a process group it started is destroyed
-    at the end, after a barrier when the block ended normally (one that existed before is left alone)."""
+    at the end (one that existed before is left alone)."""
     started = not dist.is_initialized()
     info = init_distributed()
     try:
         yield info
-        if started:  # no rank tears its group down while a peer still has work on it
-            dist.barrier()
     finally:
         if started:
             # FSDP modules sit in reference cycles that hold the group: free them now, not in the

@@ -257,4 +257,5 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
 
     metrics_log.close()
     export_teacher(model, run_dir / EXPORT_NAME, dist_info.is_main)
+    dist.barrier()  # the export is written before any rank tears the process group down
     return run_dir / EXPORT_NAME

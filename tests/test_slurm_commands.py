@@ -17,7 +17,7 @@ from dinoscale.errors import DinoscaleError
 from dinoscale.eval.report import read_metrics
 from dinoscale.slurm import SlurmJobError, wait_for
 from dinoscale.slurm.cli import add_submit_parser
-from dinoscale.slurm.submit import JobResources, submit_curation, submit_train
+from dinoscale.slurm.commands import JobResources, submit_curation, submit_train
 
 pytestmark = [pytest.mark.slurm]
 
