@@ -22,8 +22,9 @@ from dinoscale.train.export import export_run
 from dinoscale.eval.report import read_metrics
 from dinoscale.train.optim import apply_schedules, build_optimizer
 from dinoscale.train.parallel import apply_activation_checkpointing
-from dinoscale.train.ssl import SSLMetaArch
-from dinoscale.train.trainer import build_stream, train
+from dinoscale.losses.koleo import KoLeoLoss
+from dinoscale.train.ssl import N_GLOBAL_CROPS, SSLMetaArch
+from dinoscale.train.trainer import NonFiniteLossError, build_stream, train
 from dinoscale.train.distributed import DistInfo
 
 # LayerScale 1 and no drop path: at init the CLS features then differ between images, which keeps
@@ -241,6 +242,27 @@ def test_online_knn_logs_the_teacher_accuracy_every_period(workdir):
     expected = evaluate_knn(load_backbone(exported), open_pool(data / "eval_train"), open_pool(data / "eval_test"),
                             load_config(None, eval_overrides).eval)
     assert {k: logged[3][k] for k in knn_keys} == knn_metrics(expected)
+
+
+def test_a_non_finite_term_stops_the_run_naming_it_and_keeps_the_last_good_checkpoint(workdir, monkeypatch):
+    koleo_forward = KoLeoLoss.forward
+    calls = []
+
+    def koleo_turning_nan_at_iteration_4(self, x):
+        calls.append(1)  # one call per global crop
+        loss = koleo_forward(self, x)
+        return loss * float("nan") if len(calls) > 4 * N_GLOBAL_CROPS else loss
+
+    monkeypatch.setattr(KoLeoLoss, "forward", koleo_turning_nan_at_iteration_4)
+    run = workdir / "non_finite"
+    cfg = load_config(str(workdir / "tiny.yaml"), _overrides(workdir, "non_finite", "train.max_iterations=6"))
+    with pytest.raises(NonFiniteLossError) as error:
+        train(cfg)
+    message = str(error.value)
+    assert "koleo_loss" in message and "total_loss" in message and "iteration 4" in message
+    assert "step_0000002" in message  # checkpoints every 3 iterations: the one after iteration 2
+    assert [d.name for d in checkpoint_dirs(run)] == ["step_0000002"]
+    assert sorted(_losses(run)) == [0, 1, 2, 3]  # the failed step is not logged
 
 
 @pytest.mark.slow
