@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-import yaml
 
 from dinoscale.config import load_config
 from dinoscale.data.synthetic import SyntheticSpec, make_synthetic_pool
@@ -19,31 +18,17 @@ from dinoscale.slurm import SlurmJobError, wait_for
 from dinoscale.slurm.cli import add_submit_parser
 from dinoscale.slurm.commands import JobResources, submit_curation, submit_train
 
+from tiny_run import LOSS_TERMS, write_tiny_run
+
 pytestmark = [pytest.mark.slurm]
 
-# As tests/test_trainer.py's TINY, 12 iterations.
-TINY = {
-    "student": {"arch": "vit_small", "embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 4, "img_size": 16,
-                "drop_path_rate": 0.0, "layerscale": 1.0},
-    "dino": {"head_n_prototypes": 64, "head_hidden_dim": 64, "head_bottleneck_dim": 32, "koleo_loss_distributed": True},
-    "ibot": {"head_n_prototypes": 64, "head_hidden_dim": 64, "head_bottleneck_dim": 32},
-    "gram": {"use_loss": True, "it_first_update": 3, "update_frequency": 2, "img_level": True},
-    "crops": {"global_crops_size": 16, "local_crops_size": 8, "local_crops_number": 2},
-    "optim": {"epochs": 2, "warmup_epochs": 0.2, "base_lr": 0.001},
-    "teacher": {"warmup_teacher_temp_epochs": 0.2},
-    "train": {"batch_size_per_gpu": 2, "OFFICIAL_EPOCH_LENGTH": 6, "num_workers": 0, "checkpoint_period_iterations": 3,
-              "mixed_precision": "fp32", "log_period_iterations": 1},
-}
 N_ITERATIONS = 12
-LOSS_TERMS = ("dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss", "koleo_loss", "gram_loss", "total_loss")
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("submit")
-    make_synthetic_pool(root / "data", SyntheticSpec(n_images=60, image_size=24, eval_per_class=1, n_corrupt=2))
-    (root / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    return root
+    # 12 iterations of 2 images a rank
+    return write_tiny_run(tmp_path_factory.mktemp("submit"), optim={"epochs": 2}, train={"batch_size_per_gpu": 2})
 
 
 def _overrides(workdir, run):

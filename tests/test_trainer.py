@@ -10,11 +10,9 @@ import time
 
 import pytest
 import torch
-import yaml
 
 from dinoscale.config import load_config
 from dinoscale.data.pool import open_pool
-from dinoscale.data.synthetic import SyntheticSpec, make_synthetic_pool
 from dinoscale.eval.evaluate import evaluate_knn, knn_metrics
 from dinoscale.models import build_backbone, load_backbone
 from dinoscale.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
@@ -27,29 +25,12 @@ from dinoscale.train.ssl import N_GLOBAL_CROPS, SSLMetaArch
 from dinoscale.train.trainer import NonFiniteLossError, build_stream, train
 from dinoscale.train.distributed import DistInfo
 
-# LayerScale 1 and no drop path: at init the CLS features then differ between images, which keeps
-# KoLeo well conditioned; Gram at image level is the same for any split of the batch.
-TINY = {
-    "student": {"arch": "vit_small", "embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 4, "img_size": 16,
-                "drop_path_rate": 0.0, "layerscale": 1.0},
-    "dino": {"head_n_prototypes": 64, "head_hidden_dim": 64, "head_bottleneck_dim": 32, "koleo_loss_distributed": True},
-    "ibot": {"head_n_prototypes": 64, "head_hidden_dim": 64, "head_bottleneck_dim": 32},
-    "gram": {"use_loss": True, "it_first_update": 3, "update_frequency": 2, "img_level": True},
-    "crops": {"global_crops_size": 16, "local_crops_size": 8, "local_crops_number": 2},
-    "optim": {"epochs": 1, "warmup_epochs": 0.2, "base_lr": 0.001},
-    "teacher": {"warmup_teacher_temp_epochs": 0.2},
-    "train": {"batch_size_per_gpu": 4, "OFFICIAL_EPOCH_LENGTH": 6, "num_workers": 0, "checkpoint_period_iterations": 3,
-              "mixed_precision": "fp32", "log_period_iterations": 1},
-}
-LOSS_TERMS = ("dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss", "koleo_loss", "gram_loss", "total_loss")
+from tiny_run import LOSS_TERMS, write_tiny_run
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trainer")
-    make_synthetic_pool(root / "data", SyntheticSpec(n_images=60, image_size=24, eval_per_class=1, n_corrupt=2))
-    (root / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    return root
+    return write_tiny_run(tmp_path_factory.mktemp("trainer"))
 
 
 def _overrides(workdir, run, *extra):

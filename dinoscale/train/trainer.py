@@ -31,7 +31,7 @@ from dinoscale.eval.features import LabelledImages
 from dinoscale.models.loading import load_backbone, save_backbone
 from dinoscale.models.vit import VisionTransformer
 from dinoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from dinoscale.train.distributed import DistInfo, process_group
+from dinoscale.train.distributed import DistInfo, barrier, process_group
 from dinoscale.train.metrics import (MetricsLogger, backbone_forward_flops, head_forward_flops, measure_matmul_peak,
                                      peak_memory_mb)
 from dinoscale.train.optim import apply_schedules, build_optimizer, clip_gradients
@@ -257,5 +257,5 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
 
     metrics_log.close()
     export_teacher(model, run_dir / EXPORT_NAME, dist_info.is_main)
-    dist.barrier()  # the export is written before any rank tears the process group down
+    barrier()  # the export is written before any rank tears the process group down
     return run_dir / EXPORT_NAME
