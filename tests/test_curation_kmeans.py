@@ -118,12 +118,14 @@ def test_resampling_picks_the_points_closest_to_each_centroid():
         min(4, int((assignment == c).sum())) for c in range(7)]
 
 
-def test_seeding_is_greedy_kmeans_plus_plus():
+@pytest.mark.parametrize("dim, screen", [(16, False), (128, True)])
+def test_seeding_is_greedy_kmeans_plus_plus(dim, screen):
     """Each next seed is, of 2 + ln(k) candidates drawn proportionally to the squared distance to
-    the nearest seed so far, the one leaving the smallest total squared distance (Vo et al.)."""
-    points = blobs(seed=9, n=1500, dim=16, n_blobs=30)
+    the nearest seed so far, the one leaving the smallest total squared distance (Vo et al.).
+    Screening with bf16 distances changes which distances are computed exactly, not the seeds."""
+    points = blobs(seed=9, n=1500, dim=dim, n_blobs=30)
     k = 40
-    seeds = greedy_kmeans_plus_plus(points, k, np.random.default_rng(3))
+    seeds = greedy_kmeans_plus_plus(points, k, np.random.default_rng(3), screen=screen)
 
     rng, x = np.random.default_rng(3), points.astype(np.float64)
     chosen = [int(rng.integers(len(x)))]
@@ -157,10 +159,11 @@ def plain_lloyd(points: np.ndarray, centroids: np.ndarray, n_iter: int) -> np.nd
     return c
 
 
-@pytest.mark.parametrize("dim, n_blobs", [(2, 12), (64, 300)])
+@pytest.mark.parametrize("dim, n_blobs", [(2, 12), (64, 300), (128, 300)])
 def test_lloyd_with_bounds_follows_plain_lloyd(dim, n_blobs):
-    """In 2-d the bounds skip most searches, in 64-d they give way to plain searches; both must give
-    the iterates of plain Lloyd, including a centroid left without points."""
+    """In 2-d the bounds skip most searches, in 64-d they give way to plain searches, in 128-d plain
+    searches run from the start; all must give the iterates of plain Lloyd, including a centroid
+    left without points."""
     points = blobs(seed=11, n=3000, dim=dim, n_blobs=n_blobs)
     init = points[np.random.default_rng(5).choice(len(points), 30, replace=False)].astype(np.float64)
     init[0] = 1e3  # far from every point: its cluster stays empty and its centroid where it is
