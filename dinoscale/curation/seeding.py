@@ -23,11 +23,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dinoscale.utils.device import autocast_dtype, default_device
+from dinoscale.utils.device import autocast_dtype, default_device, torch_threads
 
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 SCREEN_MIN_DIM = 32  # below it the float32 GEMM costs less than the screening around it
+# Below this many points a step is some 40 small tensor operations, where waking a second CPU
+# thread for each costs more than it saves (2x slower seeding with OMP_WAIT_POLICY=passive).
+SINGLE_THREAD_MAX_ROWS = 32768
 ALL_ROWS = slice(None)
 
 
@@ -60,17 +63,18 @@ def greedy_kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator
     n_candidates = 2 + int(np.log(k))
 
     chosen = [int(rng.integers(n))]
-    closest = distances.exact(ALL_ROWS, torch.tensor(chosen, device=x.device))[:, 0].contiguous()
-    for _ in range(1, k):
-        cumulative = torch.cumsum(closest, 0, dtype=torch.float64)
-        draws = torch.from_numpy(rng.random(n_candidates)).to(x.device) * cumulative[-1]
-        candidates = torch.searchsorted(cumulative, draws).clamp_(max=n - 1)
-        rows = distances.rows_a_candidate_may_improve(candidates, closest)
-        current = closest[rows, None]
-        updated = torch.minimum(distances.exact(rows, candidates), current)
-        best = int(torch.argmax((current - updated).sum(dim=0, dtype=torch.float64)))
-        closest[rows] = updated[:, best]
-        chosen.append(int(candidates[best]))
+    with torch_threads(1 if n <= SINGLE_THREAD_MAX_ROWS else torch.get_num_threads()):
+        closest = distances.exact(ALL_ROWS, torch.tensor(chosen, device=x.device))[:, 0].contiguous()
+        for _ in range(1, k):
+            cumulative = torch.cumsum(closest, 0, dtype=torch.float64)
+            draws = torch.from_numpy(rng.random(n_candidates)).to(x.device) * cumulative[-1]
+            candidates = torch.searchsorted(cumulative, draws).clamp_(max=n - 1)
+            rows = distances.rows_a_candidate_may_improve(candidates, closest)
+            current = closest[rows, None]
+            updated = torch.minimum(distances.exact(rows, candidates), current)
+            best = int(torch.argmax((current - updated).sum(dim=0, dtype=torch.float64)))
+            closest[rows] = updated[:, best]
+            chosen.append(int(candidates[best]))
     return np.array(chosen, dtype=np.int64)
 
 

@@ -3,8 +3,10 @@ never fp16 on CPU (about 0.3 GFLOP/s there)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
+from typing import Iterator
 
 import torch
 
@@ -45,3 +47,14 @@ def inference_autocast(device: torch.device, precision: str = "auto") -> torch.a
     """The autocast context of evaluation forwards (disabled for fp32)."""
     dtype = autocast_dtype(device, precision)
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` intra-op CPU threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
