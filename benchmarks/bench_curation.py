@@ -5,8 +5,9 @@ torch.cdist/argmin, the same levels and resampling steps) on identical data, wit
 achieves. Times are wall clock and CPU seconds of the process (on a machine shared with other jobs
 the second is the steadier measure of the work); dinoscale's k-means runs before and after the
 baseline and the ratio uses the mean. dinoscale's implementation differs in how, not what: faiss searches, Hamerly's bounds
-where they pay, early exit at a fixed point, greedy k-means++ on at most
-`seeding_points_per_cluster` points per cluster (which only affects the first fit of a level).
+where they pay, early exit at a fixed point, k-means++ steps with exact distances only where a bf16
+screen cannot rule a point out, greedy k-means++ on at most `seeding_points_per_cluster` points per
+cluster (which only affects the first fit of a level).
 
 Data, 256-d and L2-normalised: for dedup, unrelated points of which 5% are near-duplicate copies
 (cosine > 0.99) of others; for k-means, points around N/1000 centres (as many as top-level
