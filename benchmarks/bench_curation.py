@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import time
 from dataclasses import dataclass
 
@@ -35,6 +33,7 @@ import faiss
 import numpy as np
 import torch
 
+from benchmarks.common import machine, peak_rss_mib
 from dinoscale.config import DedupConfig, KMeansConfig, SamplingConfig
 from dinoscale.curation.dedup import deduplicate
 from dinoscale.curation.kmeans import ClusterLevel, ClusterTree, fit_hierarchical_kmeans
@@ -224,16 +223,15 @@ def main() -> None:
 
     report = {
         "benchmark": "curation",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                    "faiss": faiss.__version__, "faiss_gpus": faiss.get_num_gpus(), "torch": torch.__version__},
+        "machine": machine(omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), faiss=faiss.__version__,
+                           faiss_gpus=faiss.get_num_gpus()),
         "dim": DIM,
         "results": rows,
         "dedup_growth_exponent": growth_exponent(sizes, [r["dedup_s"] for r in rows]),
         "dedup_cpu_growth_exponent": growth_exponent(sizes, [r["dedup_cpu_s"] for r in rows]),
         "kmeans_growth_exponent": growth_exponent(sizes, [r["kmeans_s"] for r in rows]),
         "kmeans_cpu_growth_exponent": growth_exponent(sizes, [r["kmeans_cpu_s"] for r in rows]),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
     }
     print(json.dumps(report, indent=2))
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -33,6 +31,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from benchmarks.common import machine
 from dinoscale.config import load_config
 from dinoscale.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from dinoscale.data.stream import make_loader
@@ -150,8 +149,7 @@ def main() -> None:
         results[str(workers)] = row
     print(json.dumps({
         "benchmark": "data_loader",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "webdataset": wds.__version__},
+        "machine": machine(webdataset=wds.__version__),
         "setup": {"images": args.images, "image_size": args.image_size, "batch": args.batch,
                   "timed_batches": args.batches, "rounds": args.rounds, "shards": len(shards),
                   "crops": f"2x{args.global_size} + {args.local_crops}x{args.local_size}",

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -20,11 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.common import machine, peak_rss_mib
 from dinoscale.config import load_config
 from dinoscale.curation import embed
 from dinoscale.data.pool import open_pool
 from dinoscale.models import build_backbone, save_backbone
-from dinoscale.utils.device import cpu_has_native_bf16
 
 VIT_S16 = dict(arch="vit_small", patch_size=16, img_size=224)
 TINY = dict(arch="vit_small", embed_dim=64, depth=4, num_heads=4, patch_size=4, img_size=32)
@@ -49,16 +46,6 @@ def run(pool_dir: Path, backbone: str, image_size: int, precision: str, batch_si
     seconds = time.perf_counter() - start
     return {"images": len(pool), "seconds": seconds, "images_per_s": len(pool) / seconds,
             "dim": int(result.arrays[embed.MAIN].shape[1]), "peak_rss_mib": peak_rss_mib()}
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "avx512_bf16": cpu_has_native_bf16(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def main() -> None:

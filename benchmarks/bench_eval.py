@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import subprocess
 import sys
 import time
@@ -21,17 +18,13 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.common import machine, peak_rss_mib
 from dinoscale.eval.features import ArrayImages, extract_features
 from dinoscale.eval.knn import knn_search
 from dinoscale.eval.linear import train_linear_classifiers
 from dinoscale.models.presets import build_backbone
-from dinoscale.utils.device import cpu_has_native_bf16
 
 KNN_VARIANTS = {"chunked_default": (256, 65536), "chunked_small": (64, 8192), "dense": None}
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def knn_child(variant: str, n_bank: int, n_queries: int, dim: int, k: int) -> dict:
@@ -40,7 +33,7 @@ def knn_child(variant: str, n_bank: int, n_queries: int, dim: int, k: int) -> di
     bank, queries = torch.randn(n_bank, dim, generator=g), torch.randn(n_queries, dim, generator=g)
     bank /= bank.norm(dim=1, keepdim=True)  # in place: the set-up must not leave a larger peak than the search
     queries /= queries.norm(dim=1, keepdim=True)
-    base_rss = _peak_rss_mib()
+    base_rss = peak_rss_mib()
     start = time.perf_counter()
     if KNN_VARIANTS[variant] is None:
         sims = (queries @ bank.T).topk(k, dim=1).values
@@ -50,7 +43,7 @@ def knn_child(variant: str, n_bank: int, n_queries: int, dim: int, k: int) -> di
                           for i in range(0, n_queries, query_chunk)])
     seconds = time.perf_counter() - start
     return {"variant": variant, "seconds": seconds, "queries_per_s": n_queries / seconds,
-            "peak_rss_mib": _peak_rss_mib(), "rss_before_search_mib": base_rss,
+            "peak_rss_mib": peak_rss_mib(), "rss_before_search_mib": base_rss,
             "similarity_checksum": float(sims.double().sum())}
 
 
@@ -101,12 +94,6 @@ def bench_linear(n: int, dim: int, n_classes: int, grid: int, epochs: int) -> di
     return {"features": n, "dim": dim, "classes": n_classes, "grid_points": grid, "epochs": epochs,
             "batched_seconds": batched, "one_run_per_point_seconds": sequential,
             "batched_speedup": sequential / batched}
-
-
-def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "avx512_bf16": cpu_has_native_bf16(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def main() -> None:

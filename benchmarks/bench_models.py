@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import time
 from typing import Callable
 
@@ -24,6 +23,7 @@ import timm
 import torch
 from torch import nn
 
+from benchmarks.common import machine, peak_rss_mib
 from dinoscale.models import VisionTransformer, attention, preset_spec, resolve_backend
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -116,10 +116,8 @@ def main() -> None:
             "attention_op_ms": attention_op_ms(args.batch_size, n_tokens, ours.num_heads,
                                                ours.embed_dim // ours.num_heads, args.rounds),
         },
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+        "peak_rss_mb": round(peak_rss_mib(), 1),
+        "machine": machine(platform=platform.platform(), cpu_capability=torch.backends.cpu.get_cpu_capability()),
     }
     print(json.dumps(report, indent=2))
 

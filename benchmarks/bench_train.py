@@ -41,8 +41,6 @@ import copy
 import functools
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -54,6 +52,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from benchmarks.common import machine, peak_rss_mib
 
 GLOBAL_SIZE, LOCAL_SIZE, N_LOCAL = 128, 64, 4
 PROTOTYPES = 4096
@@ -289,17 +289,13 @@ def worker_gram(variant: str, batch: int, repeats: int = 5) -> dict:
                "batch_materialised": _gram_materialised}[variant]
     student = torch.randn(2 * batch, (GLOBAL_SIZE // 16) ** 2, 384, requires_grad=True)
     teacher = torch.randn(2 * batch, (GLOBAL_SIZE // 16) ** 2, 384)
-    rss_before = _peak_rss_mb()
+    rss_before = peak_rss_mib()
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
         loss_fn(student, teacher).backward()
         seconds.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(seconds), "extra_peak_rss_mb": _peak_rss_mb() - rss_before}
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": statistics.median(seconds), "extra_peak_rss_mb": peak_rss_mib() - rss_before}
 
 
 def _run(args: list[str], nproc: int = 1) -> dict:
@@ -377,7 +373,7 @@ def main() -> None:
             worker = worker_interleaved if args.worker == "interleaved" else worker_lightly
             result = worker(args.pool, args.batch, args.steps, args.out, args.peak_flops)
         if int(os.environ.get("RANK", "0")) == 0:
-            print(json.dumps({**result, "peak_rss_mb": _peak_rss_mb()}))
+            print(json.dumps({**result, "peak_rss_mb": peak_rss_mib()}))
         return
 
     from dinoscale.data.synthetic import SyntheticSpec, make_synthetic_pool
@@ -416,7 +412,7 @@ def main() -> None:
     full, last_full, lightly = _medians(runs["full_1"]), runs["full_1"][-1], runs["lightly"][0]
     print(json.dumps({
         "benchmark": "train_step",
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": threads, "torch": torch.__version__},
+        "machine": machine(threads=threads),
         "setup": {"backbone": "vit_small/16", "global_crops": f"2x{GLOBAL_SIZE}", "local_crops": f"{N_LOCAL}x{LOCAL_SIZE}",
                   "global_batch": args.batch, "prototypes": PROTOTYPES, "precision": "bf16 autocast",
                   "data_workers": NUM_WORKERS, "steps": args.steps, "timed_steps": args.steps - WARMUP_STEPS,
