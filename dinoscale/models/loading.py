@@ -56,7 +56,7 @@ def load_backbone(path: str | os.PathLike, arch: str | Mapping[str, Any] | Backb
             raise CheckpointError(f"{path}: unreadable arch_config: {err}") from None
     else:
         spec = detect_spec(state_dict, path)
-    model = _meta_model(spec)
+    model = meta_backbone(spec)
     diff = LayoutDiff.between(_shapes(model), state_dict)
     if diff.size:
         raise CheckpointError(f"{path}: the weights do not fit preset '{spec.arch}' ({spec.generation} layout): "
@@ -109,7 +109,7 @@ def detect_spec(state_dict: Mapping[str, Tensor], source: Any = "state dict") ->
     # Presets that need the fewest observed changes come first: a file with register tokens is
     # `*_reg` (whose interpolation settings differ too), not the plain preset plus registers.
     candidates.sort(key=lambda name: sum(getattr(preset_spec(name), k) != v for k, v in observed.items()))
-    diffs = {name: LayoutDiff.between(_shapes(_meta_model(preset_spec(name, **observed))), state_dict)
+    diffs = {name: LayoutDiff.between(_shapes(meta_backbone(preset_spec(name, **observed))), state_dict)
              for name in candidates}
     closest = min(diffs, key=lambda name: diffs[name].size)  # min keeps the first of equals
     if diffs[closest].size == 0:
@@ -136,7 +136,8 @@ def _observed_fields(state_dict: Mapping[str, Tensor], generation: str) -> dict[
     return fields
 
 
-def _meta_model(spec: BackboneSpec) -> VisionTransformer:
+def meta_backbone(spec: BackboneSpec) -> VisionTransformer:
+    """The architecture without storage: load weights into it with `load_state_dict(..., assign=True)`."""
     with torch.device("meta"):
         return VisionTransformer(spec)
 

@@ -28,8 +28,7 @@ from dinoscale.data.stream import BatchStream, Source, make_loader
 from dinoscale.errors import ConfigError, DinoscaleError
 from dinoscale.eval.evaluate import online_knn, open_labelled
 from dinoscale.eval.features import LabelledImages
-from dinoscale.models.loading import load_backbone, save_backbone
-from dinoscale.models.vit import VisionTransformer
+from dinoscale.models.loading import load_backbone, meta_backbone, save_backbone
 from dinoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dinoscale.train.distributed import DistInfo, barrier, process_group
 from dinoscale.train.metrics import (MetricsLogger, backbone_forward_flops, head_forward_flops, measure_matmul_peak,
@@ -133,10 +132,15 @@ def _load_pretrained(model: SSLMetaArch, path: str) -> None:
     log.info("initialised student and teachers from %s", path)
 
 
+def _gathered_teacher_weights(model: SSLMetaArch, cpu_offload: bool = False) -> dict[str, torch.Tensor]:
+    """The teacher backbone's whole state dict on every rank (a collective under FSDP)."""
+    return get_model_state_dict(model.teacher.backbone,
+                                options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))
+
+
 def export_teacher(model: SSLMetaArch, path: Path, is_main: bool) -> None:
-    """Gather the teacher backbone (a collective under FSDP) and write it in the official layout."""
-    full = get_model_state_dict(model.teacher.backbone, options=StateDictOptions(full_state_dict=True,
-                                                                                  cpu_offload=True))
+    """Gather the teacher backbone and write it in the official layout."""
+    full = _gathered_teacher_weights(model, cpu_offload=True)
     if is_main:
         save_backbone(model.teacher.backbone, path, state_dict=full)
 
@@ -146,11 +150,8 @@ def teacher_knn(model: SSLMetaArch, labelled: tuple[LabelledImages, LabelledImag
     """k-NN metrics of the EMA teacher's backbone on the labelled eval sets: the backbone is gathered
     whole into a plain copy on every rank (a collective), and the feature extraction shares the
     images out over the ranks."""
-    teacher = model.teacher.backbone
-    weights = get_model_state_dict(teacher, options=StateDictOptions(full_state_dict=True))
-    with torch.device("meta"):
-        backbone = VisionTransformer(teacher.spec)
-    backbone.load_state_dict(weights, assign=True)
+    backbone = meta_backbone(model.teacher.backbone.spec)
+    backbone.load_state_dict(_gathered_teacher_weights(model), assign=True)
     return online_knn(backbone, *labelled, cfg.eval, device)
 
 
