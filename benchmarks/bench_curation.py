@@ -7,7 +7,9 @@ the second is the steadier measure of the work); dinoscale's k-means runs before
 baseline and the ratio uses the mean. dinoscale's implementation differs in how, not what: faiss searches, Hamerly's bounds
 where they pay, early exit at a fixed point, k-means++ steps with exact distances only where a bf16
 screen cannot rule a point out, greedy k-means++ on at most `seeding_points_per_cluster` points per
-cluster (which only affects the first fit of a level).
+cluster (which only affects the first fit of a level), and by default (`lloyd_precision`) bf16
+GEMMs for the searches inside Lloyd iterations, which may break near ties differently (every
+level's final assignment is float32, as the baseline's).
 
 Data, 256-d and L2-normalised: for dedup, unrelated points of which 5% are near-duplicate copies
 (cosine > 0.99) of others; for k-means, points around N/1000 centres (as many as top-level
@@ -197,7 +199,8 @@ def main() -> None:
             "dedup_index": "ivf" if n >= DedupConfig().ivf_min_size else "flat",
             "dedup_removed": n - dedup.counts["kept"],
             "kmeans_config": {name: getattr(cfg, name) for name in (
-                "n_clusters", "n_resampling_steps", "sample_size", "n_iter", "init", "seeding_points_per_cluster")},
+                "n_clusters", "n_resampling_steps", "sample_size", "n_iter", "init", "seeding_points_per_cluster",
+                "lloyd_precision")},
             "kmeans_s": round(kmeans_time.wall_s, 2),
             "kmeans_cpu_s": round(kmeans_time.cpu_s, 2),
             "kmeans_balance": round(balance(tree, labels, n_labels), 4),

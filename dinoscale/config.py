@@ -271,6 +271,10 @@ class KMeansConfig:
     train_sample: Optional[int] = knob(None, "fit level 1 on this many points and assign the rest", min=1)
     dtype: str = knob("float32", "precision of centroid means and stored centroids (faiss searches in float32)",
                       choices=["float32", "float64"])
+    lloyd_precision: str = knob("bfloat16", "nearest-centroid searches inside the Lloyd iterations of fits above 64 "
+                                "dimensions: bfloat16 (one bf16 GEMM, where the CPU has native bf16 and faiss no "
+                                "GPU; near ties may go either way) or float32 (exact); every level's final "
+                                "assignment is float32", choices=["bfloat16", "float32"])
 
 
 @dataclass

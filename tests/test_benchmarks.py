@@ -5,7 +5,7 @@ import socket
 import textwrap
 from pathlib import Path
 
-from benchmarks.suite import BENCHMARKS, Benchmark, Row, refresh_readme, render_markdown, run_suite
+from benchmarks.suite import Benchmark, Row, refresh_readme, render_markdown, run_suite
 from dinoscale.cli import build_parser
 from dinoscale.utils.io import read_json
 

@@ -15,7 +15,7 @@ from dinoscale.curation.kmeans import (
     fit_hierarchical_kmeans,
     merge_assignment_slices,
 )
-from dinoscale.curation.lloyd import lloyd
+from dinoscale.curation.lloyd import _Bf16NearestCentroid, lloyd
 from dinoscale.curation.sampling import hierarchical_sample
 from dinoscale.curation.seeding import greedy_kmeans_plus_plus, seed_rows
 from dinoscale.errors import ConfigError, DataError
@@ -171,13 +171,64 @@ def test_lloyd_with_bounds_follows_plain_lloyd(dim, n_blobs):
         np.testing.assert_allclose(lloyd(points, init, n_iter), plain_lloyd(points, init, n_iter), atol=1e-5)
 
 
+def mean_squared_distance_to_nearest(points: np.ndarray, centroids: np.ndarray) -> float:
+    x = points.astype(np.float64)
+    return float(((x - centroids[brute_force_nearest(x, centroids)]) ** 2).sum(1).mean())
+
+
+@pytest.mark.parametrize("data", ["blobs", "sphere"])
+def test_lloyd_with_bf16_searches_fits_as_well_as_plain_lloyd(data):
+    """bf16 searches break near ties differently, so the iterates may drift apart (on points spread
+    evenly over a 256-d sphere, 5-10% of the final assignments differ), but the k-means objective
+    they reach must match that of plain Lloyd."""
+    rng = np.random.default_rng(0)
+    if data == "blobs":
+        points = blobs(seed=11, n=3000, dim=128, n_blobs=300)
+    else:
+        points = rng.standard_normal((4000, 256)).astype(np.float32)
+        points /= np.linalg.norm(points, axis=1, keepdims=True)
+    init = points[rng.choice(len(points), 60, replace=False)].astype(np.float64)
+    for n_iter in (4, 25):
+        ours = mean_squared_distance_to_nearest(points, lloyd(points, init, n_iter, "bfloat16"))
+        definition = mean_squared_distance_to_nearest(points, plain_lloyd(points, init, n_iter))
+        assert ours <= definition * 1.001
+
+
+def test_bf16_search_errs_only_within_its_rounding():
+    """Unit vectors in 256-d against means of random triples: many near ties. The search is centred
+    on each point's score r against the nearest of slightly different centroids (as in a Lloyd
+    iteration). It may pick another centroid than the nearest only where that one's score
+    s_j = x.c_j - |c_j|^2/2 is within the rounding bounds of the best: inputs rounded to bf16 (unit
+    roundoff u = 2^-8) change each product by (2u + u^2)|x_i c_i|, the float32 sum and the two-part
+    bias add under 2^-15, and the bf16 result s_j - r (r rounded to bf16) is rounded by u times its size."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 256)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    centroids = np.stack([x[rng.choice(len(x), 3, replace=False)].mean(0) for _ in range(300)]).astype(np.float64)
+    previous = centroids + 0.01 * rng.standard_normal(centroids.shape)
+    xd = x.astype(np.float64)
+    previous_squared = ((xd[:, None] - previous[None]) ** 2).sum(-1).min(1)
+    picked = _Bf16NearestCentroid(x, previous_squared.astype(np.float32))(centroids)
+
+    scores = xd @ centroids.T - (centroids ** 2).sum(1) / 2
+    reference = ((xd ** 2).sum(1) - previous_squared) / 2
+    u = 2.0 ** -8
+    input_error = (2 * u + u * u) * (np.abs(xd) @ np.abs(centroids).T) + 2.0 ** -15
+    error = input_error + u * (np.abs(scores - reference[:, None]) + u * np.abs(reference[:, None]) + input_error)
+    best = scores.argmax(1)
+    rows = np.arange(len(x))
+    shortfall = scores[rows, best] - scores[rows, picked]
+    assert (shortfall <= error[rows, best] + error[rows, picked]).all()
+    assert 0.9 < (picked == best).mean() < 1  # the data does have near ties, and most points are still exact
+
+
 def test_checkpoints_are_loaded_instead_of_refitted(tmp_path, monkeypatch):
     calls = []
     real_lloyd = kmeans_module.lloyd
 
-    def counting_lloyd(points, seeds, n_iter):
+    def counting_lloyd(points, seeds, n_iter, *args):
         calls.append(len(seeds))
-        return real_lloyd(points, seeds, n_iter)
+        return real_lloyd(points, seeds, n_iter, *args)
 
     monkeypatch.setattr(kmeans_module, "lloyd", counting_lloyd)
     x = blobs(seed=2)

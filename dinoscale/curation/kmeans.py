@@ -6,7 +6,7 @@ to its centroid (or random ones), runs a fresh k-means on the union of those poi
 reassigns every item to the new centroids. Re-seeding on those points pulls centroids off the
 dense regions, so the clusters of the top levels cover the data's modes about evenly. Every
 k-means is greedy k-means++ seeding as Vo et al. (`seeding`) followed by Lloyd iterations
-(`lloyd`); faiss does every nearest-centroid search. Optionally each first-level
+(`lloyd`, whose searches in many dimensions may run in bf16); faiss does every assignment. Optionally each first-level
 cluster is split into `n_split` smaller ones (their `n_splits`), which is how a pool of
 hundreds of millions gets millions of first-level clusters.
 
@@ -181,7 +181,7 @@ def _kmeans(points: np.ndarray, k: int, cfg: Any, rng: np.random.Generator) -> n
         seeds = seed_rows(points, k, rng, cfg.seeding_points_per_cluster)
     else:
         seeds = np.sort(rng.choice(len(points), size=k, replace=False))
-    return lloyd(points, points[seeds], cfg.n_iter).astype(cfg.dtype)
+    return lloyd(points, points[seeds], cfg.n_iter, cfg.lloyd_precision).astype(cfg.dtype)
 
 
 def _resampling_picks(assignment: np.ndarray, distances: np.ndarray, sample_size: int, strategy: str,
@@ -256,7 +256,7 @@ def _check_config(cfg: Any, n_points: int) -> None:
 def _plain_config(cfg: Any) -> dict:
     plain = {name: list(getattr(cfg, name)) for name in ("n_clusters", "n_resampling_steps", "sample_size")}
     for name in ("resampling_strategy", "n_iter", "init", "seeding_points_per_cluster", "n_split", "train_sample",
-                 "dtype"):
+                 "dtype", "lloyd_precision"):
         plain[name] = getattr(cfg, name)
     return plain
 

@@ -10,6 +10,12 @@ hold, and once they leave more than 90% of the points to search, the fit goes on
 nearest-centroid searches. Above BOUNDS_MAX_DIM dimensions (embeddings) it starts with those:
 the two-nearest searches that set the bounds up cost about 1.8 times a nearest search there.
 
+Those plain searches may run in bf16 (`search_precision="bfloat16"`, where the CPU has native
+bf16 and faiss has no GPU): one bf16 GEMM per chunk, 2.5 times faster than faiss's float32
+search on 2 cores. Rounding the dot products to bf16 sends points that are almost equally close
+to two centroids (1-2% of them in 256-d) to either one, which moves the means by a fraction of
+those points' share; the callers' final assignments stay float32.
+
 Centroid means are accumulated in float64. A cluster that empties keeps its centroid (as in Vo
 et al.'s implementation; faiss would split a big cluster instead). Iterations stop early at a
 fixed point, where more of them would change nothing.
@@ -17,25 +23,32 @@ fixed point, where more of them would change nothing.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
-from dinoscale.curation.faiss_utils import DEFAULT_CHUNK_ROWS, nearest_centroid, nearest_centroids
+from dinoscale.curation.faiss_utils import DEFAULT_CHUNK_ROWS, gpu_available, nearest_centroid, nearest_centroids
+from dinoscale.utils.device import autocast_dtype
 
 BOUNDED_SEARCH_LIMIT = 0.9
 BOUNDS_MAX_DIM = 64
 MEANS_CHUNK_ROWS = 2048  # the float64 copy of a chunk stays in cache: 3x faster sums than 65536 rows
+BF16_SEARCH_CHUNK_ROWS = 4096  # a chunk's (rows, centroids) scores stay in cache
 
 
-def lloyd(points: np.ndarray, centroids: np.ndarray, n_iter: int) -> np.ndarray:
+def lloyd(points: np.ndarray, centroids: np.ndarray, n_iter: int, search_precision: str = "float32") -> np.ndarray:
     """`n_iter` rounds of (assign every point to its nearest centroid, move each centroid to the
-    mean of its points) from `centroids`; returns the float64 centroids after the last move."""
+    mean of its points) from `centroids`; returns the float64 centroids after the last move.
+    `search_precision`: "float32" (exact), or "bfloat16" for the plain searches above
+    BOUNDS_MAX_DIM dimensions where bf16 is native (see the module docstring)."""
     x = np.ascontiguousarray(points, dtype=np.float32)
     c = np.array(centroids, dtype=np.float64)
     if len(c) == 1:
         return cluster_means(x, np.zeros(len(x), dtype=np.int64), c)
     if x.shape[1] > BOUNDS_MAX_DIM:
-        return _plain_lloyd(x, c, n_iter, nearest_centroid(x, c.astype(np.float32))[0])
+        search = _nearest_centroid_search(x, search_precision)
+        return _plain_lloyd(x, c, n_iter, search, search(c))
     assignment, upper, lower = _two_nearest(x, c)
     for iteration in range(n_iter):
         moved = cluster_means(x, assignment, c)
@@ -54,19 +67,21 @@ def lloyd(points: np.ndarray, centroids: np.ndarray, n_iter: int) -> np.ndarray:
         if len(unsure):
             assignment[unsure], upper[unsure], lower[unsure] = _two_nearest(x, c, unsure)
         if len(unsure) > BOUNDED_SEARCH_LIMIT * len(x):  # bounds that hold this seldom cost more than they save
-            return _plain_lloyd(x, c, n_iter - iteration - 1, assignment)
+            return _plain_lloyd(x, c, n_iter - iteration - 1, _nearest_centroid_search(x, "float32"), assignment)
     return c
 
 
-def _plain_lloyd(x: np.ndarray, c: np.ndarray, n_iter: int, assignment: np.ndarray) -> np.ndarray:
-    """`n_iter` rounds of Lloyd from `assignment`, the nearest centroid of each point among `c`."""
+def _plain_lloyd(x: np.ndarray, c: np.ndarray, n_iter: int, search: Callable[[np.ndarray], np.ndarray],
+                 assignment: np.ndarray) -> np.ndarray:
+    """`n_iter` rounds of Lloyd from `assignment`, the nearest centroid of each point among `c`;
+    `search(centroids)` finds the nearest centroid of every point."""
     for iteration in range(n_iter):
         moved = cluster_means(x, assignment, c)
         settled = np.array_equal(moved, c)
         c = moved
         if iteration == n_iter - 1 or settled:
             break
-        assignment = nearest_centroid(x, c.astype(np.float32))[0]
+        assignment = search(c)
     return c
 
 
@@ -107,3 +122,50 @@ def _distances_to_own(x: np.ndarray, c: np.ndarray, assignment: np.ndarray, rows
         part = torch.from_numpy(rows[lo:lo + chunk_rows])
         out[lo:lo + len(part)] = (points[part] - centroids[torch.from_numpy(assignment)[part]]).norm(dim=1).numpy()
     return out
+
+
+def _nearest_centroid_search(x: np.ndarray, precision: str) -> Callable[[np.ndarray], np.ndarray]:
+    """`search(centroids)`: the nearest centroid of every point."""
+    if precision not in ("float32", "bfloat16"):
+        raise ValueError(f"search precision {precision!r} is unknown; choose float32 or bfloat16")
+    if precision == "bfloat16" and not gpu_available() and autocast_dtype(torch.device("cpu")) == torch.bfloat16:
+        return _Bf16NearestCentroid(x)
+    return lambda c: nearest_centroid(x, c.astype(np.float32))[0]
+
+
+class _Bf16NearestCentroid:
+    """argmin_j |x - c_j|^2 = argmax_j (x . c_j - |c_j|^2 / 2 - r(x)) for any per-point r, as one
+    bf16 GEMM of [x, 1, 1, r] with [c, -b_hi, -b_lo, -1] (b_hi + b_lo: |c_j|^2 / 2 split into two
+    bf16 numbers). The GEMM accumulates in float32 but rounds its result to bf16, relative to the
+    result's size; with r the point's score against its centroid of the previous search, the
+    results that compete for the maximum are close to 0 and keep their precision; only the dot
+    products' inputs are rounded then. Before the first search r = |x|^2 / 2, or a given point's
+    score against its nearest centroid of an earlier set (`squared_distances`: the squared
+    distance to it); at |x|^2 / 2 the results are -|x - c_j|^2 / 2, rounded relative to the
+    squared distances."""
+
+    def __init__(self, x: np.ndarray, squared_distances: np.ndarray | None = None):
+        n, d = x.shape
+        self.points = torch.empty(n, d + 3, dtype=torch.bfloat16)
+        self.points[:, :d] = torch.from_numpy(x)
+        self.points[:, d:d + 2] = 1
+        self.reference = torch.from_numpy(x).square().sum(dim=1) / 2
+        if squared_distances is not None:
+            self.reference -= torch.from_numpy(squared_distances) / 2
+
+    def __call__(self, centroids: np.ndarray) -> np.ndarray:
+        c = torch.from_numpy(centroids)
+        half_sq_norm = (c * c).sum(dim=1) / 2
+        high = half_sq_norm.bfloat16()
+        low = (half_sq_norm - high.double()).bfloat16()
+        minus_one = torch.full((len(c), 1), -1, dtype=torch.bfloat16)
+        weights = torch.cat([c.bfloat16(), -high[:, None], -low[:, None], minus_one], dim=1).T.contiguous()
+        self.points[:, -1] = self.reference
+        reference = self.points[:, -1].float()  # the r the GEMM sees
+        nearest = torch.empty(len(self.points), dtype=torch.int64)
+        for lo in range(0, len(self.points), BF16_SEARCH_CHUNK_ROWS):
+            hi = lo + BF16_SEARCH_CHUNK_ROWS
+            best = torch.mm(self.points[lo:hi], weights).max(dim=1)
+            nearest[lo:hi] = best.indices
+            self.reference[lo:hi] = best.values.float() + reference[lo:hi]
+        return nearest.numpy()
