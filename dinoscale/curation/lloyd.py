@@ -139,19 +139,15 @@ class _Bf16NearestCentroid:
     bf16 numbers). The GEMM accumulates in float32 but rounds its result to bf16, relative to the
     result's size; with r the point's score against its centroid of the previous search, the
     results that compete for the maximum are close to 0 and keep their precision; only the dot
-    products' inputs are rounded then. Before the first search r = |x|^2 / 2, or a given point's
-    score against its nearest centroid of an earlier set (`squared_distances`: the squared
-    distance to it); at |x|^2 / 2 the results are -|x - c_j|^2 / 2, rounded relative to the
-    squared distances."""
+    products' inputs are rounded then. The first search has r = |x|^2 / 2: its results are
+    -|x - c_j|^2 / 2, rounded relative to the squared distances."""
 
-    def __init__(self, x: np.ndarray, squared_distances: np.ndarray | None = None):
+    def __init__(self, x: np.ndarray):
         n, d = x.shape
         self.points = torch.empty(n, d + 3, dtype=torch.bfloat16)
         self.points[:, :d] = torch.from_numpy(x)
         self.points[:, d:d + 2] = 1
         self.reference = torch.from_numpy(x).square().sum(dim=1) / 2
-        if squared_distances is not None:
-            self.reference -= torch.from_numpy(squared_distances) / 2
 
     def __call__(self, centroids: np.ndarray) -> np.ndarray:
         c = torch.from_numpy(centroids)
