@@ -269,7 +269,7 @@ class KMeansConfig:
     n_split: int = knob(1, "split each first-level cluster into this many by k-means on its members "
                            "(level 1 ends with n_clusters[0] * n_split clusters)", min=1)
     train_sample: Optional[int] = knob(None, "fit level 1 on this many points and assign the rest", min=1)
-    dtype: str = knob("float32", "precision of centroid means and stored centroids (faiss searches in float32)",
+    dtype: str = knob("float32", "precision of centroid means and stored centroids",
                       choices=["float32", "float64"])
     lloyd_precision: str = knob("bfloat16", "nearest-centroid searches inside the Lloyd iterations of fits above 64 "
                                 "dimensions: bfloat16 (one bf16 GEMM, where the CPU has native bf16 and faiss no "
