@@ -36,7 +36,7 @@ from dinoscale.config import load_config
 from dinoscale.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from dinoscale.data.stream import make_loader
 from dinoscale.data.synthetic import SyntheticSpec, make_synthetic_pool
-from dinoscale.train.distributed import DistInfo
+from dinoscale.distributed import DistInfo
 from dinoscale.train.trainer import build_stream
 
 BASELINES = ("webdataset_multicrop", "webdataset_decode_crop")

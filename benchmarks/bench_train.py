@@ -188,7 +188,7 @@ def _crops(data: dict, batch: int) -> list[torch.Tensor]:
 def _dinoscale_step(cfg, autocast: torch.autocast,
                     run_dir: Path) -> tuple[Callable[[int, dict], None], Callable[[dict], float]]:
     """The trainer's step (`train_step`) of the trainer's model (`build_model`) in one process; and its FLOPs."""
-    from dinoscale.train.distributed import DistInfo
+    from dinoscale.distributed import DistInfo
     from dinoscale.train.trainer import build_model, step_flops, train_step
 
     model, optimizer = build_model(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
@@ -209,7 +209,7 @@ def _autocast() -> torch.autocast:
 def _steppers(pool: str, batch: int, steps: int, out: str, peak_flops: float, names: tuple[str, ...]) -> dict[str, Stepper]:
     from dinoscale.data.stream import make_loader
     from dinoscale.models import build_backbone
-    from dinoscale.train.distributed import DistInfo
+    from dinoscale.distributed import DistInfo
     from dinoscale.train.trainer import build_stream
 
     autocast = _autocast()
@@ -252,7 +252,7 @@ def _timed_steps(steppers: dict[str, Stepper], steps: int, batch: int,
 
 def worker_interleaved(pool: str, batch: int, steps: int, out: str, peak_flops: float) -> dict:
     """The lightly peers and dinoscale's steps alternating in one process; each step's ratio to each peer."""
-    from dinoscale.train.distributed import process_group
+    from dinoscale.distributed import process_group
 
     with process_group():  # dinoscale's model is sharded over a world of one, as in the trainer
         steppers = _steppers(pool, batch, steps, out, peak_flops, (*LIGHTLY_PEERS, *DINOSCALE_STEPS))

@@ -8,8 +8,8 @@ import cloudpickle
 import pytest
 
 from dinoscale.errors import SlurmError
-from dinoscale.slurm import (SlurmJobError, check_partition, check_slurm_reachable, distributed_env_from_slurm,
-                             make_executor, submit, wait_for)
+from dinoscale.distributed import distributed_env_from_slurm
+from dinoscale.slurm import SlurmJobError, check_partition, check_slurm_reachable, make_executor, submit, wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the jobs' processes cannot import test modules
 

@@ -10,8 +10,8 @@ import cloudpickle
 import pytest
 
 from dinoscale.errors import SlurmError
-from dinoscale.slurm import (StageTask, check_slurm_reachable, distributed_env_from_slurm, dry_run_script,
-                             make_executor, submit, wait_for)
+from dinoscale.distributed import distributed_env_from_slurm
+from dinoscale.slurm import StageTask, check_slurm_reachable, dry_run_script, make_executor, submit, wait_for
 from dinoscale.slurm.jobs import _with_dependency
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the jobs' processes cannot import test modules

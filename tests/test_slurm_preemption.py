@@ -10,8 +10,9 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from dinoscale.slurm import (CheckpointableCall, PreemptionGuard, distributed_env_from_slurm, make_executor, submit,
-                             wait_for)
+from dinoscale.distributed import distributed_env_from_slurm
+from dinoscale.slurm import CheckpointableCall, make_executor, submit, wait_for
+from dinoscale.utils.preemption import PreemptionGuard
 from dinoscale.utils.io import read_json, write_json, write_text
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the jobs' processes cannot import test modules

@@ -23,7 +23,7 @@ from dinoscale.train.parallel import apply_activation_checkpointing
 from dinoscale.losses.koleo import KoLeoLoss
 from dinoscale.train.ssl import N_GLOBAL_CROPS, SSLMetaArch
 from dinoscale.train.trainer import NonFiniteLossError, build_stream, train
-from dinoscale.train.distributed import DistInfo
+from dinoscale.distributed import DistInfo
 
 from tiny_run import LOSS_TERMS, write_tiny_run
 

@@ -19,7 +19,7 @@ from dinoscale.eval.cli import METRICS_FILE
 from dinoscale.eval.evaluate import evaluate_knn, evaluate_linear, knn_over_checkpoints, open_labelled
 from dinoscale.eval.report import Section, knn_history, plot_knn_curve, plot_loss_curves, read_metrics, write_report
 from dinoscale.eval.visualize import render_pictures
-from dinoscale.losses.distributed import rank
+from dinoscale.distributed import rank
 from dinoscale.models.loading import load_backbone
 
 

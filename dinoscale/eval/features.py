@@ -21,7 +21,7 @@ from torchvision import transforms
 
 from dinoscale.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from dinoscale.errors import ConfigError, DataError
-from dinoscale.losses.distributed import is_distributed, rank, world_size
+from dinoscale.distributed import is_distributed, rank, world_size
 from dinoscale.utils.device import default_device, inference_autocast
 from dinoscale.utils.logging import get_logger, progress
 

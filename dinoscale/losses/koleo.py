@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinoscale.errors import ConfigError
-from dinoscale.losses import distributed
+from dinoscale import distributed
 
 
 class KoLeoLoss(nn.Module):

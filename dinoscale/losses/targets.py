@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinoscale.errors import ConfigError
-from dinoscale.losses.distributed import all_reduce_max, all_reduce_sum
+from dinoscale.distributed import all_reduce_max, all_reduce_sum
 
 TEACHER_NORMALISATIONS = ("centering", "sinkhorn_knopp", "none")
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dinoscale.errors import SlurmError
 from dinoscale.slurm.checks import check_partition, check_slurm_reachable
-from dinoscale.slurm.distributed import distributed_env_from_slurm
+from dinoscale.distributed import distributed_env_from_slurm
 from dinoscale.slurm.executor import dry_run_script, make_executor
 from dinoscale.slurm.jobs import CheckpointableCall, submit, submit_array
 from dinoscale.utils.io import write_text

@@ -2,7 +2,7 @@
 
 A submitted callable must be resumable from its run directory: when SLURM preempts or times out a
 job, submitit requeues it and calls the same pickled object again, which must pick up from the
-last state it saved there (see `dinoscale.slurm.preemption` for how the running code saves it).
+last state it saved there (see `dinoscale.utils.preemption` for how the running code saves it).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from dinoscale.train.distributed import barrier, get_rank
+from dinoscale.distributed import barrier, rank
 from dinoscale.utils.io import read_json, write_json
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -47,7 +47,7 @@ def save_checkpoint(run_dir: str | Path, iteration: int, model: torch.nn.Module,
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{iteration:07d}"
     tmp = root / f".tmp_step_{iteration:07d}"
-    if get_rank() == 0:
+    if rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -55,7 +55,7 @@ def save_checkpoint(run_dir: str | Path, iteration: int, model: torch.nn.Module,
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
     barrier()
-    if get_rank() == 0:
+    if rank() == 0:
         write_json(tmp / "meta.json", {**meta, "iteration": iteration})
         if final.exists():
             shutil.rmtree(final)

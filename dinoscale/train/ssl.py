@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from dinoscale.errors import ConfigError
 from dinoscale.losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss, resize_patch_grid
-from dinoscale.losses.distributed import world_size
+from dinoscale.distributed import world_size
 from dinoscale.models.head import build_head
 from dinoscale.models.presets import build_backbone
 from dinoscale.train.schedules import Schedules, build_schedules

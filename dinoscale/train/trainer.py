@@ -30,7 +30,7 @@ from dinoscale.eval.evaluate import online_knn, open_labelled
 from dinoscale.eval.features import LabelledImages
 from dinoscale.models.loading import load_backbone, meta_backbone, save_backbone
 from dinoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from dinoscale.train.distributed import DistInfo, barrier, process_group
+from dinoscale.distributed import DistInfo, barrier, process_group
 from dinoscale.train.metrics import (MetricsLogger, backbone_forward_flops, head_forward_flops, measure_matmul_peak,
                                      peak_memory_mb)
 from dinoscale.train.optim import apply_schedules, build_optimizer, clip_gradients

@@ -3,28 +3,25 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from typing import Iterable, Iterator, TypeVar
 
 from tqdm import tqdm
 
+from dinoscale.distributed import launcher_rank
+
 T = TypeVar("T")
 logger = logging.getLogger("dinoscale")
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 def setup_logging(level: int = logging.INFO) -> None:
     if logger.handlers:
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank()}] %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{launcher_rank()}] %(levelname)s %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
-    logger.setLevel(level if rank() == 0 else logging.WARNING)
+    logger.setLevel(level if launcher_rank() == 0 else logging.WARNING)
     logger.propagate = False
 
 
@@ -35,7 +32,7 @@ def get_logger(name: str) -> logging.Logger:
 
 def progress(items: Iterable[T], desc: str, total: int | None = None, log_every_s: float = 30.0) -> Iterator[T]:
     """Iterate with a progress bar on a terminal (rank 0), or a log line every `log_every_s`."""
-    if rank() != 0:
+    if launcher_rank() != 0:
         yield from items
         return
     if sys.stderr.isatty():
