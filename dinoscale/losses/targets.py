@@ -57,7 +57,13 @@ class PrototypeCrossEntropy(nn.Module):
         self.center_momentum = center_momentum
         self.teacher_normalisation = teacher_normalisation
         self.sinkhorn_iterations = sinkhorn_iterations
-        self.register_buffer("center", torch.zeros(1, n_prototypes))
+        self.register_buffer("center", torch.empty(1, n_prototypes))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The centre starts at zero."""
+        with torch.no_grad():
+            self.center.zero_()
 
     @torch.no_grad()
     def teacher_probs(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:

@@ -10,10 +10,15 @@ plain `last_layer.weight` as in DINOv3's recipe.
 
 from __future__ import annotations
 
+import functools
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.init import trunc_normal_
+
+from dinoscale.models.init import InitStep, run_steps
+from dinoscale.models.layers import init_linear
 
 
 class WeightNormLinear(nn.Module):
@@ -21,8 +26,12 @@ class WeightNormLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, freeze_norm: bool = True) -> None:
         super().__init__()
-        self.weight_g = nn.Parameter(torch.ones(out_features, 1), requires_grad=not freeze_norm)
+        self.weight_g = nn.Parameter(torch.empty(out_features, 1), requires_grad=not freeze_norm)
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight_g)
         nn.init.kaiming_uniform_(self.weight_v, a=5**0.5)  # nn.Linear's default, as DINOv2 leaves it
 
     @property
@@ -50,13 +59,15 @@ class DINOHead(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        for module in self.mlp.modules():
-            if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        run_steps(self.init_steps())
+
+    def init_steps(self) -> Iterator[InitStep]:
+        """`init_weights` one linear layer at a time (see dinoscale.models.init)."""
+        linears = [m for m in self.mlp.modules() if isinstance(m, nn.Linear)]
         if isinstance(self.last_layer, nn.Linear):
-            trunc_normal_(self.last_layer.weight, std=0.02)
+            linears.append(self.last_layer)
+        for linear in linears:
+            yield linear, functools.partial(init_linear, linear)
 
     def forward(self, x: Tensor, no_last_layer: bool = False, only_last_layer: bool = False) -> Tensor:
         """Prototype scores; `no_last_layer` stops at the unit-norm bottleneck, `only_last_layer`

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.init import trunc_normal_
 
 from dinoscale.errors import ConfigError
 
@@ -125,6 +126,16 @@ class LayerNorm(nn.LayerNorm):
         weight = None if self.weight is None else self.weight.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
+def init_linear(linear: nn.Linear) -> None:
+    """DINOv2's init of a linear layer: truncated normal weight (std 0.02), zero bias (and the key mask
+    of a masked-key qkv projection)."""
+    trunc_normal_(linear.weight, std=0.02)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+    if hasattr(linear, "reset_bias_mask"):
+        linear.reset_bias_mask()
 
 
 def make_norm(kind: str, dim: int) -> nn.Module:

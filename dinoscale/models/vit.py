@@ -7,7 +7,8 @@ checkpoints' (see `BackboneSpec.generation`), so official weights load with
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +16,8 @@ from torch.nn.init import trunc_normal_
 
 from dinoscale.models.attention import check_backend
 from dinoscale.models.block import Block, Rope
-from dinoscale.models.layers import LayerScale, PatchEmbed, RMSNorm, make_norm
+from dinoscale.models.init import InitStep, run_steps
+from dinoscale.models.layers import LayerScale, PatchEmbed, RMSNorm, init_linear, make_norm
 from dinoscale.models.pos_embed import interpolate_pos_embed
 from dinoscale.models.rope import RopePositionEmbedding
 from dinoscale.models.spec import BackboneSpec
@@ -81,24 +83,29 @@ class VisionTransformer(nn.Module):
 
     def init_weights(self) -> None:
         """DINOv2/DINOv3 initialisation; also turns a model materialised from the meta device into a usable one."""
+        run_steps(self.init_steps())
+
+    def init_steps(self) -> Iterator[InitStep]:
+        """`init_weights` one module at a time, in its RNG order (see dinoscale.models.init)."""
+        yield self, self._init_tokens
+        if self.rope_embed is not None:
+            yield self.rope_embed, self.rope_embed.reset_parameters
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                yield module, functools.partial(init_linear, module)
+            elif isinstance(module, PatchEmbed):
+                yield module.proj, module.reset_parameters
+            elif isinstance(module, (nn.LayerNorm, RMSNorm, LayerScale)):
+                yield module, module.reset_parameters
+
+    def _init_tokens(self) -> None:
         token_std = 1e-6 if self.spec.generation == "dinov2" else 0.02
         nn.init.normal_(self.cls_token, std=token_std)
         if self.storage_tokens_param is not None:
             nn.init.normal_(self.storage_tokens_param, std=token_std)
         if self.rope_embed is None:
             trunc_normal_(self.pos_embed, std=0.02)
-        else:
-            self.rope_embed.reset_parameters()
         nn.init.zeros_(self.mask_token)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-                if hasattr(module, "reset_bias_mask"):
-                    module.reset_bias_mask()
-            elif isinstance(module, (nn.LayerNorm, RMSNorm, LayerScale, PatchEmbed)):
-                module.reset_parameters()
 
     def set_attn_backend(self, backend: str) -> None:
         """Switch every block to `auto`, `xformers`, `sdpa` or `math` attention."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -21,10 +21,12 @@ from dinoscale.errors import ConfigError
 from dinoscale.losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss, resize_patch_grid
 from dinoscale.distributed import world_size
 from dinoscale.models.head import build_head
+from dinoscale.models.init import InitStep, eager_init_steps
 from dinoscale.models.presets import build_backbone
 from dinoscale.train.schedules import Schedules, build_schedules
 
 N_GLOBAL_CROPS = 2
+BRANCHES = ("student", "teacher", "gram_teacher")
 
 
 class SSLMetaArch(nn.Module):
@@ -65,6 +67,10 @@ class SSLMetaArch(nn.Module):
                               cfg.gram.global_teacher_resize_antialias)
         self.train()
 
+    def branches(self) -> list[nn.ModuleDict]:
+        """Student, teacher and (when Gram anchoring is on) Gram teacher."""
+        return [b for b in (self.student, self.teacher, self.gram_teacher) if b is not None]
+
     # ------------------------------------------------------------------ modes and teachers
     def train(self, mode: bool = True) -> "SSLMetaArch":
         super().train(mode)
@@ -91,9 +97,7 @@ class SSLMetaArch(nn.Module):
         """Copy the EMA teacher's backbone into the Gram teacher."""
         if self.gram_teacher is None:
             raise ConfigError("update_gram_teacher needs gram.use_loss=true")
-        pairs = zip(self.gram_teacher.backbone.parameters(), self.teacher.backbone.parameters(), strict=True)
-        gram_params, teacher_params = zip(*[(_local(g), _local(t)) for g, t in pairs])
-        torch._foreach_copy_(list(gram_params), list(teacher_params))
+        copy_weights(self.teacher.backbone, self.gram_teacher.backbone)
 
     def gram_update_due(self, iteration: int) -> bool:
         """Whether the Gram teacher is refreshed at `iteration`: at gram.it_first_update, then every
@@ -240,6 +244,24 @@ class SSLMetaArch(nn.Module):
 def _local(param: Tensor) -> Tensor:
     """This rank's shard of a parameter (the parameter itself when it is not sharded)."""
     return param.detach().to_local() if isinstance(param, DTensor) else param.detach()
+
+
+def local_tensors(module: nn.Module) -> list[Tensor]:
+    """This rank's part of every parameter and buffer of `module`, in a fixed order."""
+    return [_local(t) for t in (*module.parameters(), *module.buffers())]
+
+
+@torch.no_grad()
+def copy_weights(source: nn.Module, target: nn.Module) -> None:
+    """Copy every parameter and buffer, shard to shard (both modules sharded the same way)."""
+    torch._foreach_copy_(local_tensors(target), local_tensors(source))
+
+
+def student_init_steps(student: nn.ModuleDict) -> Iterator[InitStep]:
+    """The student's initialisation in the RNG order of `SSLMetaArch.__init__`: the backbone, then
+    each head (the teachers are copies of the student)."""
+    for part in student.values():
+        yield from eager_init_steps(part)
 
 
 def _head(in_dim: int, section: Any) -> nn.Module:

@@ -28,13 +28,13 @@ from dinoscale.data.stream import BatchStream, Source, make_loader
 from dinoscale.errors import ConfigError, DinoscaleError
 from dinoscale.eval.evaluate import online_knn, open_labelled
 from dinoscale.eval.features import LabelledImages
-from dinoscale.models.loading import load_backbone, meta_backbone, save_backbone
+from dinoscale.models.loading import meta_backbone, save_backbone
 from dinoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dinoscale.distributed import DistInfo, barrier, process_group
 from dinoscale.train.metrics import (MetricsLogger, backbone_forward_flops, head_forward_flops, measure_matmul_peak,
                                      peak_memory_mb)
-from dinoscale.train.optim import apply_schedules, build_optimizer, clip_gradients
-from dinoscale.train.parallel import parallelize
+from dinoscale.train.build import build_model
+from dinoscale.train.optim import apply_schedules, clip_gradients
 from dinoscale.train.ssl import SSLMetaArch
 from dinoscale.utils.device import autocast_dtype
 from dinoscale.utils.io import write_text
@@ -123,15 +123,6 @@ def _raise_non_finite(terms: list[str], iteration: int, run_dir: Path) -> None:
                              "Lower optim.base_lr, raise optim.warmup_epochs or check the data.")
 
 
-def _load_pretrained(model: SSLMetaArch, path: str) -> None:
-    """Continued pretraining: official DINOv2/DINOv3 (or exported) backbone weights, fresh heads."""
-    pretrained = load_backbone(path, arch=model.student.backbone.spec)
-    for branch in (model.student, model.teacher, model.gram_teacher):
-        if branch is not None:
-            branch.backbone.load_state_dict(pretrained.state_dict(), strict=True)
-    log.info("initialised student and teachers from %s", path)
-
-
 def _gathered_teacher_weights(model: SSLMetaArch, cpu_offload: bool = False) -> dict[str, torch.Tensor]:
     """The teacher backbone's whole state dict on every rank (a collective under FSDP)."""
     return get_model_state_dict(model.teacher.backbone,
@@ -178,20 +169,6 @@ def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict
     return metrics
 
 
-def build_model(cfg: DictConfig, dist_info: DistInfo) -> tuple[SSLMetaArch, torch.optim.AdamW]:
-    """The SSL model on this rank's device, its pretrained weights loaded, sharded over the process
-    group (compute dtype, activation checkpointing and compile as configured), and its optimizer."""
-    torch.manual_seed(cfg.seed)
-    compute_dtype = autocast_dtype(dist_info.device, cfg.train.mixed_precision)
-    model = SSLMetaArch(cfg, cfg.train.batch_size_per_gpu * dist_info.world_size).to(dist_info.device)
-    if cfg.student.pretrained_weights:
-        _load_pretrained(model, cfg.student.pretrained_weights)
-    branches = [b for b in (model.student, model.teacher, model.gram_teacher) if b is not None]
-    parallelize(branches, dist_info.device, dist_info.world_size, compute_dtype or torch.float32,
-                cfg.train.activation_checkpointing, cfg.train.compile, checkpointed=[model.student])
-    return model, build_optimizer(model.student, cfg)
-
-
 def train(cfg: DictConfig) -> Path | None:
     """Train (or resume) the run in cfg.train.output_dir; returns the exported teacher's path,
     or None when a signal stopped the run before the end (after writing a checkpoint)."""
@@ -206,7 +183,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
         write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     compute_dtype = autocast_dtype(dist_info.device, cfg.train.mixed_precision)
     global_batch = cfg.train.batch_size_per_gpu * dist_info.world_size
-    model, optimizer = build_model(cfg, dist_info)
+    model, optimizer = build_model(cfg, dist_info.device, dist_info.world_size)
 
     start = 0
     checkpoint = latest_checkpoint(run_dir)

@@ -1,0 +1,98 @@
+"""Initialising a model whose tensors live elsewhere — sharded over ranks, or on another device —
+with exactly the values that building it eagerly gives for the same seed.
+
+Building a module eagerly draws from the global RNG in a fixed order: every submodule's
+`reset_parameters()` as it is constructed (PyTorch's convention; nn.Linear and nn.Conv2d draw
+their default init there), then, for a model that has them, its own `init_steps()` (what its
+`init_weights()` runs), which overwrite most of those draws. `eager_init_steps(module)` lists
+that order as (owner, function) steps; each step writes only tensors its owner holds itself, and
+overwrites each tensor it writes completely.
+
+`materialize(steps, targets)` replays the steps on a meta-device copy of the model, one owner at
+a time: the owner's own tensors are allocated full-size on the CPU, the step runs (drawing from
+the global RNG exactly where eager construction did), and each written tensor is copied into the
+targets — only this rank's shard when a target's tensor is a DTensor. Peak memory is the targets
+plus the largest single module's full tensors. Every rank draws the whole sequence, so the result
+does not depend on the number of ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+InitStep = tuple[nn.Module, Callable[[], None]]
+
+
+def own_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """The parameters and buffers a module holds itself (not its children's)."""
+    return {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+
+
+def eager_init_steps(module: nn.Module) -> Iterator[InitStep]:
+    """What building `module` eagerly does to its tensors, in RNG order: each submodule's
+    `reset_parameters()` in construction order, then the module's own `init_steps()` if it has them."""
+    for sub in module.modules():
+        if own_tensors(sub) and hasattr(sub, "reset_parameters"):
+            yield sub, sub.reset_parameters
+    if hasattr(module, "init_steps"):
+        yield from module.init_steps()
+
+
+def run_steps(steps: Iterable[InitStep]) -> None:
+    """Run the steps on the modules themselves (an eager model's `init_weights`)."""
+    for _, init in steps:
+        init()
+
+
+@torch.no_grad()
+def materialize(source: nn.Module, steps: Iterable[InitStep], targets: Sequence[nn.Module]) -> None:
+    """Initialise `targets` (modules with `source`'s structure, their tensors allocated, possibly
+    sharded) with the values of `steps` run eagerly on `source`, a meta-device model.
+
+    Raises if a target tensor is left unwritten, so no uninitialised memory survives."""
+    names = {id(module): name for name, module in source.named_modules()}
+    written: set[str] = set()
+    for owner, init in steps:
+        prefix = names[id(owner)]
+        owner.to_empty(device="cpu", recurse=False)
+        versions = {name: t._version for name, t in own_tensors(owner).items()}
+        init()
+        for name, full in own_tensors(owner).items():
+            if full._version == versions[name]:
+                continue  # not written by this step: keep what an earlier step wrote
+            qualified = f"{prefix}.{name}" if prefix else name
+            for target in targets:
+                _copy_into(target, qualified, full)
+            written.add(qualified)
+        owner.to_empty(device="meta", recurse=False)
+    for target in targets:
+        missing = [n for n, _ in _named_tensors(target) if n not in written]
+        if missing:
+            raise RuntimeError(f"no initialisation step wrote {missing[:5]} ({len(missing)} tensors)")
+
+
+def _named_tensors(module: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    yield from module.named_parameters()
+    yield from module.named_buffers()
+
+
+def _copy_into(target: nn.Module, qualified: str, full: Tensor) -> None:
+    """Copy `full` into `target`'s tensor of that name (absent names are skipped: a Gram teacher has
+    no heads), keeping only the local shard of a DTensor."""
+    module_name, _, name = qualified.rpartition(".")
+    try:
+        module = target.get_submodule(module_name)
+    except AttributeError:
+        return
+    tensor = own_tensors(module).get(name)
+    if tensor is None:
+        return
+    if isinstance(tensor, DTensor):
+        local = distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None).to_local()
+        tensor.to_local().copy_(local)
+    else:
+        tensor.copy_(full)
