@@ -57,7 +57,7 @@ def eager_worker(arch: str) -> dict:
     with process_group() as info:
         rss_before, start = current_rss_mib(), time.perf_counter()
         torch.manual_seed(cfg.seed)
-        model = SSLMetaArch(cfg, cfg.train.batch_size_per_gpu)
+        model = SSLMetaArch(cfg)
         parallelize(model.branches(), info.device, 1, torch.float32, checkpointed=[model.student])
         seconds = time.perf_counter() - start
         return {"peak_rss_mib": peak_rss_mib(), "rss_before_build_mib": rss_before, "seconds": seconds,
@@ -101,7 +101,7 @@ def dry_build(arch: str, world_sizes: list[int]) -> dict:
 
     cfg = model_config(arch)
     with torch.device("meta"):
-        model = SSLMetaArch(cfg, cfg.train.batch_size_per_gpu)
+        model = SSLMetaArch(cfg)
 
     def sharded_numel(module: torch.nn.Module, ranks: int) -> int:
         # dim-0 chunks of ceil(n / ranks) rows: rank 0 holds the largest
@@ -131,7 +131,7 @@ def expected_local_elements(arch: str, ranks: int, rank: int) -> int:
 
     cfg = model_config(arch)
     with torch.device("meta"):
-        model = SSLMetaArch(cfg, cfg.train.batch_size_per_gpu)
+        model = SSLMetaArch(cfg)
     total = 0
     for branch in model.branches():
         for p in branch.parameters():

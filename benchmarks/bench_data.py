@@ -1,5 +1,5 @@
 """Data-loader images/s of the training input pipeline: dinoscale's `BatchStream` (seeded multi-crop
-augmentation and iBOT masks, built by the trainer's `build_stream`) over a webdataset tar-shard pool and
+augmentation and iBOT masks, built by `build_stream`, what the trainer uses) over a webdataset tar-shard pool and
 over an image-folder pool of the same images, at 0, 1 and 2 workers, against two pipelines that read
 the same shards with plain webdataset (`WebDataset(...).decode("pil")`, `.batched`, a DataLoader):
 DINOv2's torchvision multi-crop augmentation with the same crops (no masks), and a bare decode + one
@@ -36,8 +36,7 @@ from dinoscale.config import load_config
 from dinoscale.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from dinoscale.data.stream import make_loader
 from dinoscale.data.synthetic import SyntheticSpec, make_synthetic_pool
-from dinoscale.distributed import DistInfo
-from dinoscale.train.trainer import build_stream
+from dinoscale.data.stream import build_stream
 
 BASELINES = ("webdataset_multicrop", "webdataset_decode_crop")
 SHARDS_PER_POOL = 8  # enough for every worker to read its own shards
@@ -120,12 +119,11 @@ def main() -> None:
         make_synthetic_pool(Path(tmp) / "folder", spec)
         shards = sorted(str(p) for p in (Path(tmp) / "shards" / "pool").glob("*.tar"))
         cfg = {kind: config(Path(tmp) / kind / "pool") for kind in ("shards", "folder")}
-        cpu = DistInfo(0, 1, 0, torch.device("cpu"))
         decode_crop = MultiCrop([T.Compose([T.RandomResizedCrop(args.global_size, scale=tuple(
             cfg["shards"].crops.global_crops_scale)), T.ToTensor()])])
         pipelines = {
-            "dinoscale_shards": lambda w: make_loader(build_stream(cfg["shards"], cpu, 0), w),
-            "dinoscale_folder": lambda w: make_loader(build_stream(cfg["folder"], cpu, 0), w),
+            "dinoscale_shards": lambda w: make_loader(build_stream(cfg["shards"], 0, 1, 0), w),
+            "dinoscale_folder": lambda w: make_loader(build_stream(cfg["folder"], 0, 1, 0), w),
             "webdataset_multicrop": lambda w: webdataset_loader(shards, dinov2_multicrop(cfg["shards"].crops),
                                                                 args.batch, w),
             "webdataset_decode_crop": lambda w: webdataset_loader(shards, decode_crop, args.batch, w),

@@ -185,16 +185,19 @@ def _crops(data: dict, batch: int) -> list[torch.Tensor]:
     return list(data["collated_global_crops"].split(batch)) + list(data["collated_local_crops"].split(batch))
 
 
-def _dinoscale_step(cfg, autocast: torch.autocast,
-                    run_dir: Path) -> tuple[Callable[[int, dict], None], Callable[[dict], float]]:
+def _dinoscale_step(cfg, autocast: torch.autocast) -> tuple[Callable[[int, dict], None], Callable[[dict], float]]:
     """The trainer's step (`train_step`) of the trainer's model (`build_model`) in one process; and its FLOPs."""
-    from dinoscale.distributed import DistInfo
-    from dinoscale.train.trainer import build_model, step_flops, train_step
+    from dinoscale.train.build import build_model
+    from dinoscale.train.metrics import step_flops
+    from dinoscale.train.schedules import build_schedules
+    from dinoscale.train.trainer import train_step
 
-    model, optimizer = build_model(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    model, optimizer = build_model(cfg, torch.device("cpu"), 1)
+    schedules = build_schedules(cfg, cfg.train.batch_size_per_gpu)
 
     def step(iteration: int, data: dict) -> None:
-        train_step(model, optimizer, data, iteration, cfg, autocast, 0, run_dir)
+        train_step(model, optimizer, schedules, data, iteration, clip_grad=cfg.optim.clip_grad, autocast=autocast,
+                   seed=iteration)
 
     return step, lambda data: step_flops(model, data)
 
@@ -209,22 +212,21 @@ def _autocast() -> torch.autocast:
 def _steppers(pool: str, batch: int, steps: int, out: str, peak_flops: float, names: tuple[str, ...]) -> dict[str, Stepper]:
     from dinoscale.data.stream import make_loader
     from dinoscale.models import build_backbone
-    from dinoscale.distributed import DistInfo
-    from dinoscale.train.trainer import build_stream
+    from dinoscale.data.stream import build_stream
 
     autocast = _autocast()
     cfg = _config(pool, batch, steps, out, peak_flops, [])
 
     @functools.cache
     def stream() -> Iterator[dict]:  # dinoscale's batch stream, shared by the steppers that use it
-        return iter(make_loader(build_stream(cfg, DistInfo(0, 1, 0, torch.device("cpu")), 0), NUM_WORKERS))
+        return iter(make_loader(build_stream(cfg, 0, 1, 0), NUM_WORKERS))
 
     builders = {
         "lightly_dino_only": lambda: _lightly_timm_stepper(pool, cfg, batch, steps, autocast),
         "lightly_dino_only_dinoscale_backbone": lambda: (stream(), *_lightly_dino(
             build_backbone(cfg.student), lambda data: _crops(data, batch), batch, steps, autocast)),
         **{name: lambda extra=extra: (stream(), *_dinoscale_step(_config(pool, batch, steps, out, peak_flops, extra),
-                                                                  autocast, Path(out)))
+                                                                  autocast))
            for name, extra in DINOSCALE_STEPS.items()},
     }
     return {name: builders[name]() for name in names}

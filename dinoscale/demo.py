@@ -34,7 +34,8 @@ from dinoscale.eval.linear import linear_probe
 from dinoscale.eval.report import Section, plot_loss_curves, read_metrics, write_report
 from dinoscale.eval.visualize import render_pictures
 from dinoscale.models import build_backbone, load_backbone
-from dinoscale.train.trainer import EXPORT_NAME, total_iterations, train
+from dinoscale.train.export import EXPORT_NAME
+from dinoscale.train.trainer import total_iterations, train
 from dinoscale.utils.io import write_json
 from dinoscale.utils.logging import get_logger
 from dinoscale.utils.stages import is_done, mark_done, read_marker

@@ -80,7 +80,7 @@ def teacher_report(model: SSLMetaArch, temperature: float, data) -> dict[str, fl
 
 def trained_teacher(cfg) -> SSLMetaArch:
     train(cfg)
-    model = SSLMetaArch(cfg, cfg.train.batch_size_per_gpu)
+    model = SSLMetaArch(cfg)
     load_checkpoint(latest_checkpoint(cfg.train.output_dir), model, optimizer=None)
     return model
 
@@ -95,7 +95,7 @@ def test_dino_learns_on_a_small_pool_and_collapses_without_balancing_and_sharpen
     log_k = math.log(cfg.dino.head_n_prototypes)
 
     torch.manual_seed(cfg.seed)  # the trainer initialises from the same seed
-    at_init = teacher_report(SSLMetaArch(cfg, cfg.train.batch_size_per_gpu), cfg.teacher.teacher_temp, data)
+    at_init = teacher_report(SSLMetaArch(cfg), cfg.teacher.teacher_temp, data)
     trained = teacher_report(trained_teacher(cfg), cfg.teacher.teacher_temp, data)
 
     student_temp = cfg.dino.student_temp

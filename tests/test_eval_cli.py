@@ -11,7 +11,8 @@ from PIL import Image
 
 from dinoscale.data.pool import open_pool
 from dinoscale.eval.cli import main
-from dinoscale.eval.evaluate import checkpoint_iteration, evaluate_knn, online_knn
+from dinoscale.eval.evaluate import checkpoint_iteration, evaluate_knn
+from dinoscale.eval.online import online_knn
 from dinoscale.config import load_config
 from dinoscale.models.loading import save_backbone
 from dinoscale.models.presets import build_backbone

@@ -11,6 +11,7 @@ from dinoscale.config import load_config
 from dinoscale.data.collate import collate_data_and_cast
 from dinoscale.data.masking import MaskingGenerator
 from dinoscale.errors import ConfigError
+from dinoscale.train.schedules import build_schedules
 from dinoscale.train.ssl import SSLMetaArch
 
 TINY = ["student.embed_dim=32", "student.depth=2", "student.num_heads=2", "student.patch_size=8",
@@ -44,13 +45,18 @@ def make_batch(cfg, seed: int = 0, gram_size: int | None = None) -> dict:
 
 def model_of(cfg) -> SSLMetaArch:
     torch.manual_seed(0)
-    return SSLMetaArch(cfg, global_batch_size=BATCH)
+    return SSLMetaArch(cfg)
+
+
+def forward_backward(model: SSLMetaArch, batch: dict, iteration: int):
+    """One step at the teacher temperature the trainer's schedule gives for a global batch of BATCH."""
+    return model.forward_backward(batch, iteration, build_schedules(model.cfg, BATCH).teacher_temperature(iteration))
 
 
 @pytest.mark.parametrize("centering", ["sinkhorn_knopp", "centering"])
 def test_forward_backward_weights_every_term_as_the_reference(centering):
     cfg = tiny_cfg(f"train.centering={centering}", "ibot.mask_sample_probability=1.0")
-    total, metrics = model_of(cfg).forward_backward(make_batch(cfg), iteration=0)
+    total, metrics = forward_backward(model_of(cfg), make_batch(cfg), 0)
     n_local = 3
     # global: 2 cross-view pairs (same view ignored), local: 2 x 3 pairs
     expected_weights = {"dino_global_crops_loss": 2 / (2 + 2 * n_local), "dino_local_crops_loss": 2 * n_local / (2 + 2 * n_local),
@@ -67,7 +73,7 @@ def test_forward_backward_weights_every_term_as_the_reference(centering):
 
 def test_global_pairs_with_the_diagonal_and_no_local_crops():
     cfg = tiny_cfg("dino.global_ignore_diagonal=false", "crops.local_crops_number=0")
-    _, metrics = model_of(cfg).forward_backward(make_batch(cfg), iteration=0)
+    _, metrics = forward_backward(model_of(cfg), make_batch(cfg), 0)
     assert metrics["dino_global_crops_loss_weight"] == pytest.approx(1.0)
     assert "dino_local_crops_loss" not in metrics
 
@@ -75,7 +81,7 @@ def test_global_pairs_with_the_diagonal_and_no_local_crops():
 def test_only_student_parameters_receive_gradients():
     cfg = tiny_cfg("gram.use_loss=true", "ibot.mask_sample_probability=1.0")
     model = model_of(cfg)
-    model.forward_backward(make_batch(cfg), iteration=0)
+    forward_backward(model, make_batch(cfg), 0)
     for name, param in model.student.named_parameters():
         if param.requires_grad:
             assert param.grad is not None and torch.isfinite(param.grad).all(), name
@@ -123,9 +129,9 @@ def test_gram_loss_starts_with_the_gram_teacher_and_resizes_high_resolution_crop
                    "gram.loss_weight=2.0")
     model = model_of(cfg)
     batch = make_batch(cfg, gram_size=32)
-    _, before = model.forward_backward(batch, iteration=0)
+    _, before = forward_backward(model, batch, 0)
     assert "gram_loss" not in before
-    total, after = model.forward_backward(batch, iteration=1)
+    total, after = forward_backward(model, batch, 1)
     assert after["gram_loss_weight"] == 2.0 and np.isfinite(after["gram_loss"]) and after["gram_loss"] > 0
 
 
@@ -133,14 +139,14 @@ def test_shared_ibot_head():
     cfg = tiny_cfg("ibot.separate_head=false", "ibot.mask_sample_probability=1.0")
     model = model_of(cfg)
     assert set(model.student.keys()) == {"backbone", "dino_head"}
-    _, metrics = model.forward_backward(make_batch(cfg), iteration=0)
+    _, metrics = forward_backward(model, make_batch(cfg), 0)
     assert np.isfinite(metrics["ibot_loss"]) and metrics["ibot_loss"] > 0
 
 
 def test_centering_centres_move_after_a_step():
     cfg = tiny_cfg("train.centering=centering", "ibot.mask_sample_probability=1.0")
     model = model_of(cfg)
-    model.forward_backward(make_batch(cfg), iteration=0)
+    forward_backward(model, make_batch(cfg), 0)
     assert torch.count_nonzero(model.dino_loss.center) > 0 and torch.count_nonzero(model.ibot_patch_loss.center) > 0
 
 

@@ -22,8 +22,9 @@ from dinoscale.train.optim import apply_schedules, build_optimizer
 from dinoscale.train.parallel import apply_activation_checkpointing
 from dinoscale.losses.koleo import KoLeoLoss
 from dinoscale.train.ssl import N_GLOBAL_CROPS, SSLMetaArch
-from dinoscale.train.trainer import NonFiniteLossError, build_stream, train
-from dinoscale.distributed import DistInfo
+from dinoscale.train.schedules import build_schedules
+from dinoscale.train.trainer import NonFiniteLossError, train
+from dinoscale.data.stream import build_stream
 
 from tiny_run import LOSS_TERMS, write_tiny_run
 
@@ -154,7 +155,7 @@ def test_signal_writes_a_complete_checkpoint_before_exit(workdir, sig):
 
 
 def _one_batch(cfg):
-    return build_stream(cfg, DistInfo(0, 1, 0, torch.device("cpu")), start_step=0).batch(0)
+    return build_stream(cfg, rank=0, world_size=1, start_step=0).batch(0)
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
@@ -164,9 +165,9 @@ def test_activation_checkpointing_gives_the_same_gradients(workdir, mode):
     grads = []
     for checkpointing in ("none", mode):
         torch.manual_seed(0)
-        model = SSLMetaArch(cfg, 4)
+        model = SSLMetaArch(cfg)
         apply_activation_checkpointing(model.student.backbone.blocks, checkpointing)
-        model.forward_backward(batch, iteration=0)
+        model.forward_backward(batch, iteration=0, teacher_temp=cfg.teacher.warmup_teacher_temp)
         grads.append({n: p.grad.clone() for n, p in model.student.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name in grads[0]:
@@ -176,16 +177,17 @@ def test_activation_checkpointing_gives_the_same_gradients(workdir, mode):
 def test_a_checkpoint_of_the_unfused_adamw_resumes_on_the_fused_kernel(workdir, tmp_path):
     cfg = load_config(str(workdir / "tiny.yaml"), _overrides(workdir, "unused"))
     batch = _one_batch(cfg)
-    model = SSLMetaArch(cfg, 4)
+    model = SSLMetaArch(cfg)
     saved = build_optimizer(model.student, cfg)
     for group in saved.param_groups:  # as a checkpoint written before fused AdamW has them
         group.update(fused=None, foreach=None)
-    apply_schedules(saved, model.schedules, 2)
-    model.forward_backward(batch, iteration=2)
+    schedules = build_schedules(cfg, 4)
+    apply_schedules(saved, schedules, 2)
+    model.forward_backward(batch, iteration=2, teacher_temp=schedules.teacher_temperature(2))
     saved.step()
     checkpoint = save_checkpoint(tmp_path, 2, model, saved, {}, keep_last=1)
 
-    resumed_model = SSLMetaArch(cfg, 4)
+    resumed_model = SSLMetaArch(cfg)
     resumed = build_optimizer(resumed_model.student, cfg)
     load_checkpoint(checkpoint, resumed_model, resumed)
     assert resumed.defaults["fused"] and all(group["fused"] for group in resumed.param_groups)
@@ -195,7 +197,7 @@ def test_a_checkpoint_of_the_unfused_adamw_resumes_on_the_fused_kernel(workdir, 
     for old, new in pairs:
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(saved.state[old][key], resumed.state[new][key]), key
-    resumed_model.forward_backward(batch, iteration=3)
+    resumed_model.forward_backward(batch, iteration=3, teacher_temp=schedules.teacher_temperature(3))
     resumed.step()  # the fused kernel takes the loaded state (its step counters as float32 tensors)
     assert all(resumed.state[new]["step"].item() == 2 for _, new in pairs)
 

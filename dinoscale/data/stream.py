@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dinoscale.data.augment import seeded_generator
-from dinoscale.data.pool import ImagePool
-from dinoscale.errors import DataError
+from dinoscale.data.augment import MultiCropAugmentation, seeded_generator
+from dinoscale.data.collate import collate_data_and_cast
+from dinoscale.data.masking import MaskingGenerator
+from dinoscale.data.pool import ImagePool, open_pool
+from dinoscale.errors import ConfigError, DataError
 
 SHUFFLE_BLOCK = 4096
 
@@ -139,3 +141,26 @@ def make_loader(stream: BatchStream, num_workers: int) -> DataLoader:
     """Workers are visited round-robin, so batches come out in step order."""
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
                       prefetch_factor=2 if num_workers > 0 else None)
+
+
+def training_sources(cfg: Any) -> list[Source]:
+    """The pools of `train.sources` (weighted), else the one of `train.dataset_path`."""
+    if cfg.train.sources:
+        return [Source(open_pool(s.path), s.weight) for s in cfg.train.sources]
+    if not cfg.train.dataset_path:
+        raise ConfigError("no training data: set train.dataset_path (or train.sources)")
+    return [Source(open_pool(cfg.train.dataset_path))]
+
+
+def build_stream(cfg: Any, rank: int, world_size: int, start_step: int) -> BatchStream:
+    """The training stream of a dinoscale config (`train`, `crops`, `ibot`, `student.patch_size`,
+    `seed`) for one rank, from `start_step` on."""
+    augment = MultiCropAugmentation.from_config(cfg)
+    mask_generator = MaskingGenerator.from_config(cfg)
+
+    def collate(samples: list, generator: torch.Generator) -> dict:
+        return collate_data_and_cast(samples, cfg.ibot.mask_ratio_min_max, cfg.ibot.mask_sample_probability,
+                                     mask_generator, generator, rank=rank, world_size=world_size)
+
+    return BatchStream(training_sources(cfg), cfg.train.batch_size_per_gpu, rank, world_size, cfg.seed, start_step,
+                       augment, collate, cfg.train.homogeneous_batch_fraction)

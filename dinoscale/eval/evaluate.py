@@ -1,5 +1,5 @@
 """Evaluation protocols on a backbone: features of the train and val datasets, then k-NN or a
-linear probe; also the online k-NN a trainer calls every N steps and k-NN over checkpoints.
+linear probe; also k-NN over checkpoints (the trainer's online k-NN is in `dinoscale.eval.online`).
 
 `cfg` is the `eval` config section (`EvalConfig` fields).
 """
@@ -86,15 +86,6 @@ def knn_metrics(result: KnnResult) -> dict[str, float]:
     metrics = {f"knn_top1_k{k}": v for k, v in result.top1.items()}
     metrics.update({f"knn_top5_k{k}": v for k, v in result.top5.items()})
     return metrics
-
-
-def online_knn(model: nn.Module, train_images: LabelledImages, val_images: LabelledImages, cfg: Any,
-               device: torch.device | None = None) -> dict[str, float]:
-    """k-NN during training (every eval.online_knn_period_iterations): the metrics to log.
-
-    The model's train/eval mode is restored afterwards.
-    """
-    return knn_metrics(evaluate_knn(model, train_images, val_images, cfg, device))
 
 
 def checkpoint_iteration(path: str | os.PathLike) -> int | None:

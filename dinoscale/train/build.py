@@ -36,7 +36,7 @@ def build_sharded_model(cfg: DictConfig, device: torch.device, world_size: int) 
     """The SSL model sharded over the process group (compute dtype, activation checkpointing and
     compile as configured), initialised as eager construction would, pretrained weights loaded."""
     with torch.device("meta"):
-        model = SSLMetaArch(cfg, cfg.train.batch_size_per_gpu * world_size)
+        model = SSLMetaArch(cfg)
     source = copy.deepcopy(model.student)  # stays on meta: the init steps run on it module by module
     compute_dtype = autocast_dtype(device, cfg.train.mixed_precision) or torch.float32
     parallelize(model.branches(), device, world_size, compute_dtype, cfg.train.activation_checkpointing,

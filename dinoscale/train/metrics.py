@@ -1,4 +1,5 @@
-"""Training metrics: JSONL lines (rank 0), TensorBoard when installed, and FLOP accounting for MFU."""
+"""Training metrics: JSONL lines (rank 0), TensorBoard when installed, and FLOP accounting for MFU
+(`step_flops` of one step of the SSL meta-architecture, against the measured matmul peak)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,31 @@ def backbone_forward_flops(backbone: nn.Module, n_images: int, n_tokens: int) ->
 
 def head_forward_flops(head: nn.Module, n_rows: int) -> float:
     return float(2 * n_rows * sum(p.numel() for p in head.parameters() if p.dim() == 2))
+
+
+def step_flops(model: nn.Module, batch: dict) -> float:
+    """Matmul FLOPs of one training step on this rank: student forward+backward (3x forward) on
+    all crops, teacher (and Gram teacher) forward on the global crops."""
+    backbone = model.student.backbone
+    patch = backbone.patch_size
+    extra_tokens = 1 + backbone.n_storage_tokens
+
+    def crops_flops(crops: torch.Tensor) -> float:
+        if crops.numel() == 0:
+            return 0.0
+        tokens = (crops.shape[-2] // patch) * (crops.shape[-1] // patch) + extra_tokens
+        return backbone_forward_flops(backbone, crops.shape[0], tokens)
+
+    global_crops, local_crops = batch["collated_global_crops"], batch["collated_local_crops"]
+    n_cls = global_crops.shape[0] + local_crops.shape[0]
+    n_masked = int(batch["mask_indices_list"].numel())
+    student = crops_flops(global_crops) + crops_flops(local_crops)
+    student += sum(head_forward_flops(m, n_cls if n == "dino_head" else n_masked)
+                   for n, m in model.student.items() if n != "backbone")
+    teacher = crops_flops(global_crops) + head_forward_flops(model.teacher.dino_head, global_crops.shape[0])
+    if model.gram_teacher is not None:
+        teacher += crops_flops(batch.get("collated_gram_teacher_crops", global_crops))
+    return 3 * student + teacher
 
 
 _PEAKS: dict[tuple, float] = {}

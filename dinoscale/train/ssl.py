@@ -1,10 +1,10 @@
 """The SSL meta-architecture: student, EMA teacher, optional Gram teacher, and their losses.
 
-One training step is `forward_backward(batch, iteration)`: teacher targets on the global
-crops, one student pass over all global crops (masked) and all local crops, the weighted loss
-terms (DINOv2/DINOv3 weighting), and the backward pass. The optimiser step, the EMA update
-(`update_teacher`) and gradient clipping belong to the training loop, which may wrap `student`,
-`teacher` and `gram_teacher` (nn.ModuleDicts) with FSDP2 as they are.
+One training step is `forward_backward(batch, iteration, teacher_temp)`: teacher targets on the
+global crops, one student pass over all global crops (masked) and all local crops, the weighted
+loss terms (DINOv2/DINOv3 weighting), and the backward pass. The schedules, the optimiser step,
+the EMA update (`update_teacher`) and gradient clipping belong to the training loop, which may wrap
+`student`, `teacher` and `gram_teacher` (nn.ModuleDicts) with FSDP2 as they are.
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ from torch.distributed.tensor import DTensor
 
 from dinoscale.errors import ConfigError
 from dinoscale.losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss, resize_patch_grid
-from dinoscale.distributed import world_size
 from dinoscale.models.head import build_head
 from dinoscale.models.init import InitStep, eager_init_steps
 from dinoscale.models.presets import build_backbone
-from dinoscale.train.schedules import Schedules, build_schedules
 
 N_GLOBAL_CROPS = 2
 BRANCHES = ("student", "teacher", "gram_teacher")
@@ -32,11 +30,9 @@ BRANCHES = ("student", "teacher", "gram_teacher")
 class SSLMetaArch(nn.Module):
     """student / teacher = ModuleDict{backbone, dino_head, ibot_head}; gram_teacher = ModuleDict{backbone}."""
 
-    def __init__(self, cfg: Any, global_batch_size: int | None = None):
+    def __init__(self, cfg: Any):
         super().__init__()
         self.cfg = cfg
-        batch = global_batch_size or cfg.train.batch_size_per_gpu * world_size()
-        self.schedules: Schedules = build_schedules(cfg, batch)
         self.ibot_separate_head = cfg.ibot.separate_head
         self.do_ibot = cfg.ibot.loss_weight > 0
         self.do_koleo = cfg.dino.koleo_loss_weight > 0
@@ -113,16 +109,15 @@ class SSLMetaArch(nn.Module):
 
     # ------------------------------------------------------------------ one step
     def forward_backward(self, batch: dict[str, Any], iteration: int,
-                         teacher_temp: float | None = None) -> tuple[Tensor, dict[str, float]]:
-        """Refresh the Gram teacher when due, compute every loss term, backpropagate the total.
+                         teacher_temp: float) -> tuple[Tensor, dict[str, float]]:
+        """Refresh the Gram teacher when due, compute every loss term at the teacher temperature of the
+        iteration, backpropagate the total.
 
         Returns the total loss (detached) and the metrics: each loss term unweighted, its weight,
         the teacher temperature and two collapse diagnostics of the teacher's softmax.
         """
         if self.gram_update_due(iteration):
             self.update_gram_teacher()
-        if teacher_temp is None:
-            teacher_temp = self.schedules.teacher_temperature(iteration)
         device = next(self.student.parameters()).device
         global_crops = batch["collated_global_crops"].to(device, non_blocking=True)
         local_crops = batch["collated_local_crops"].to(device, non_blocking=True)

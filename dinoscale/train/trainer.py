@@ -4,9 +4,11 @@ One loop for every scale: FSDP2 shards the student, the EMA teacher and the Gram
 the ranks (a single process is a world of one, sharded the same way, so it computes in the same
 precision); bf16 compute with fp32 master weights and residual stream where the hardware has it;
 a deterministic batch stream; DCP checkpoints every N iterations and on SIGTERM/SIGUSR2; JSONL
-metrics with images/s and MFU, and the EMA teacher's k-NN accuracy every
+metrics with images/s and MFU, and the online evaluation of the EMA teacher every
 eval.online_knn_period_iterations; a NaN/inf guard that names the term and keeps the last good
-checkpoint; and the teacher backbone exported at the end.
+checkpoint; and the teacher backbone exported at the end. The model is built by
+`dinoscale.train.build`, the batches by `dinoscale.data.stream`, the export by
+`dinoscale.train.export`.
 """
 
 from __future__ import annotations
@@ -18,23 +20,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from dinoscale.data.augment import MultiCropAugmentation, derive_seed
-from dinoscale.data.collate import collate_data_and_cast
-from dinoscale.data.masking import MaskingGenerator
-from dinoscale.data.pool import open_pool
-from dinoscale.data.stream import BatchStream, Source, make_loader
-from dinoscale.errors import ConfigError, DinoscaleError
-from dinoscale.eval.evaluate import online_knn, open_labelled
-from dinoscale.eval.features import LabelledImages
-from dinoscale.models.loading import meta_backbone, save_backbone
-from dinoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dinoscale.data.augment import derive_seed
+from dinoscale.data.stream import build_stream, make_loader
 from dinoscale.distributed import DistInfo, barrier, process_group
-from dinoscale.train.metrics import (MetricsLogger, backbone_forward_flops, head_forward_flops, measure_matmul_peak,
-                                     peak_memory_mb)
+from dinoscale.errors import DinoscaleError
+from dinoscale.eval.online import OnlineEvaluation
 from dinoscale.train.build import build_model
+from dinoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dinoscale.train.export import EXPORT_NAME, export_teacher, teacher_backbone
+from dinoscale.train.metrics import MetricsLogger, measure_matmul_peak, peak_memory_mb, step_flops
 from dinoscale.train.optim import apply_schedules, clip_gradients
+from dinoscale.train.schedules import Schedules, build_schedules
 from dinoscale.train.ssl import SSLMetaArch
 from dinoscale.utils.device import autocast_dtype
 from dinoscale.utils.io import write_text
@@ -43,7 +40,6 @@ from dinoscale.utils.preemption import PreemptionGuard
 
 log = get_logger(__name__)
 
-EXPORT_NAME = "export/teacher.pth"
 _MODEL_RNG_KEY = 3
 
 
@@ -61,108 +57,29 @@ def _mean_across_ranks(metrics: dict[str, float]) -> dict[str, float]:
     return dict(zip(names, (values / dist.get_world_size()).tolist()))
 
 
-def training_sources(cfg: DictConfig) -> list[Source]:
-    if cfg.train.sources:
-        return [Source(open_pool(s.path), s.weight) for s in cfg.train.sources]
-    if not cfg.train.dataset_path:
-        raise ConfigError("no training data: set train.dataset_path (or train.sources)")
-    return [Source(open_pool(cfg.train.dataset_path))]
-
-
-def build_stream(cfg: DictConfig, dist_info: DistInfo, start_step: int) -> BatchStream:
-    augment = MultiCropAugmentation.from_config(cfg)
-    mask_generator = MaskingGenerator.from_config(cfg)
-
-    def collate(samples: list, generator: torch.Generator) -> dict:
-        return collate_data_and_cast(samples, cfg.ibot.mask_ratio_min_max, cfg.ibot.mask_sample_probability,
-                                     mask_generator, generator, rank=dist_info.rank,
-                                     world_size=dist_info.world_size)
-
-    return BatchStream(training_sources(cfg), cfg.train.batch_size_per_gpu, dist_info.rank, dist_info.world_size,
-                       cfg.seed, start_step, augment, collate, cfg.train.homogeneous_batch_fraction)
-
-
 def total_iterations(cfg: DictConfig) -> int:
     full = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
     return min(full, cfg.train.max_iterations) if cfg.train.max_iterations else full
 
 
-def step_flops(model: SSLMetaArch, batch: dict) -> float:
-    """Matmul FLOPs of one training step on this rank: student forward+backward (3x forward) on
-    all crops, teacher (and Gram teacher) forward on the global crops."""
-    backbone = model.student.backbone
-    patch = backbone.patch_size
-    extra_tokens = 1 + backbone.n_storage_tokens
-
-    def crops_flops(crops: torch.Tensor) -> float:
-        if crops.numel() == 0:
-            return 0.0
-        tokens = (crops.shape[-2] // patch) * (crops.shape[-1] // patch) + extra_tokens
-        return backbone_forward_flops(backbone, crops.shape[0], tokens)
-
-    global_crops, local_crops = batch["collated_global_crops"], batch["collated_local_crops"]
-    n_cls = global_crops.shape[0] + local_crops.shape[0]
-    n_masked = int(batch["mask_indices_list"].numel())
-    student = crops_flops(global_crops) + crops_flops(local_crops)
-    student += sum(head_forward_flops(m, n_cls if n == "dino_head" else n_masked)
-                   for n, m in model.student.items() if n != "backbone")
-    teacher = crops_flops(global_crops) + head_forward_flops(model.teacher.dino_head, global_crops.shape[0])
-    if model.gram_teacher is not None:
-        teacher += crops_flops(batch.get("collated_gram_teacher_crops", global_crops))
-    return 3 * student + teacher
-
-
-def _non_finite_terms(metrics: dict[str, float]) -> list[str]:
-    return [name for name, value in metrics.items() if name.endswith("loss") and not math.isfinite(value)]
-
-
-def _raise_non_finite(terms: list[str], iteration: int, run_dir: Path) -> None:
-    last = latest_checkpoint(run_dir)
-    keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-    raise NonFiniteLossError(f"{', '.join(terms)} became non-finite at iteration {iteration}; {keep}. "
-                             "Lower optim.base_lr, raise optim.warmup_epochs or check the data.")
-
-
-def _gathered_teacher_weights(model: SSLMetaArch, cpu_offload: bool = False) -> dict[str, torch.Tensor]:
-    """The teacher backbone's whole state dict on every rank (a collective under FSDP)."""
-    return get_model_state_dict(model.teacher.backbone,
-                                options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))
-
-
-def export_teacher(model: SSLMetaArch, path: Path, is_main: bool) -> None:
-    """Gather the teacher backbone and write it in the official layout."""
-    full = _gathered_teacher_weights(model, cpu_offload=True)
-    if is_main:
-        save_backbone(model.teacher.backbone, path, state_dict=full)
-
-
-def teacher_knn(model: SSLMetaArch, labelled: tuple[LabelledImages, LabelledImages], cfg: DictConfig,
-                device: torch.device) -> dict[str, float]:
-    """k-NN metrics of the EMA teacher's backbone on the labelled eval sets: the backbone is gathered
-    whole into a plain copy on every rank (a collective), and the feature extraction shares the
-    images out over the ranks."""
-    backbone = meta_backbone(model.teacher.backbone.spec)
-    backbone.load_state_dict(_gathered_teacher_weights(model), assign=True)
-    return online_knn(backbone, *labelled, cfg.eval, device)
-
-
-def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict, iteration: int, cfg: DictConfig,
-               autocast: torch.autocast, rank: int, run_dir: Path) -> dict[str, float]:
+def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, schedules: Schedules, batch: dict,
+               iteration: int, *, clip_grad: float, autocast: torch.autocast, seed: int) -> dict[str, float]:
     """One iteration on this rank's batch: scheduled lr and weight decay, forward and backward under
-    `autocast`, the loss metrics averaged over ranks (a non-finite term raises before the weights
-    change), gradient clipping, AdamW and the EMA teacher update. Returns the step's metrics."""
-    scheduled = apply_schedules(optimizer, model.schedules, iteration)
+    `autocast` (drop path seeded with `seed`), the loss metrics averaged over ranks (a non-finite
+    term raises before the weights change), gradient clipping, AdamW and the EMA teacher update.
+    Returns the step's metrics."""
+    scheduled = apply_schedules(optimizer, schedules, iteration)
     optimizer.zero_grad(set_to_none=True)
-    torch.manual_seed(derive_seed(cfg.seed, _MODEL_RNG_KEY, iteration, rank))  # drop path
+    torch.manual_seed(seed)
     with autocast:
-        _, metrics = model.forward_backward(batch, iteration)
+        _, metrics = model.forward_backward(batch, iteration, schedules.teacher_temperature(iteration))
     metrics = _mean_across_ranks(metrics)
-    bad_terms = _non_finite_terms(metrics)
+    bad_terms = [name for name, value in metrics.items() if name.endswith("loss") and not math.isfinite(value)]
     if bad_terms:
-        _raise_non_finite(bad_terms, iteration, run_dir)
-    norms = clip_gradients(model.student, cfg.optim.clip_grad)
+        raise NonFiniteLossError(f"{', '.join(bad_terms)} became non-finite at iteration {iteration}")
+    norms = clip_gradients(model.student, clip_grad)
     optimizer.step()
-    momentum = model.schedules.teacher_momentum(iteration)
+    momentum = schedules.teacher_momentum(iteration)
     model.update_teacher(momentum)
     metrics.update(scheduled, iteration=iteration, teacher_momentum=momentum,
                    **{f"grad_norm_{name}": value for name, value in norms.items()})
@@ -184,6 +101,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
     compute_dtype = autocast_dtype(dist_info.device, cfg.train.mixed_precision)
     global_batch = cfg.train.batch_size_per_gpu * dist_info.world_size
     model, optimizer = build_model(cfg, dist_info.device, dist_info.world_size)
+    schedules = build_schedules(cfg, global_batch)
 
     start = 0
     checkpoint = latest_checkpoint(run_dir)
@@ -195,26 +113,33 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
     n_iterations = total_iterations(cfg)
     metrics_log = MetricsLogger(run_dir, enabled=dist_info.is_main)
     peak_flops = cfg.train.peak_flops or measure_matmul_peak(dist_info.device, compute_dtype or torch.float32)
-    batches = iter(make_loader(build_stream(cfg, dist_info, start), cfg.train.num_workers))
+    batches = iter(make_loader(build_stream(cfg, dist_info.rank, dist_info.world_size, start),
+                               cfg.train.num_workers))
     autocast = torch.autocast(dist_info.device.type, dtype=compute_dtype or torch.bfloat16,
                               enabled=compute_dtype is not None)
-    knn_period = cfg.eval.online_knn_period_iterations
-    labelled = (open_labelled(cfg.eval.train_dataset, "train"),
-                open_labelled(cfg.eval.val_dataset, "val")) if knn_period else None
+    online_eval = OnlineEvaluation(cfg.eval, dist_info.device)
 
     with PreemptionGuard() as guard:  # SIGTERM / SIGUSR2: checkpoint at the end of the step, then stop
         for iteration in range(start, n_iterations):
             step_start, cpu_start = time.perf_counter(), time.process_time()
             batch = next(batches)
-            metrics = train_step(model, optimizer, batch, iteration, cfg, autocast, dist_info.rank, run_dir)
+            try:
+                metrics = train_step(model, optimizer, schedules, batch, iteration, clip_grad=cfg.optim.clip_grad,
+                                     autocast=autocast,
+                                     seed=derive_seed(cfg.seed, _MODEL_RNG_KEY, iteration, dist_info.rank))
+            except NonFiniteLossError as err:
+                last = latest_checkpoint(run_dir)
+                keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+                raise NonFiniteLossError(f"{err}; {keep}. Lower optim.base_lr, raise optim.warmup_epochs or "
+                                         "check the data.") from None
             seconds = time.perf_counter() - step_start
             # cpu_seconds / seconds: how many cores the step kept busy (data-loader workers not counted)
             metrics.update(seconds=seconds, cpu_seconds=time.process_time() - cpu_start,
                            images_per_s=global_batch / seconds, peak_flops=peak_flops,
                            mfu=step_flops(model, batch) / seconds / peak_flops,
                            peak_memory_mb=peak_memory_mb(dist_info.device))
-            if knn_period and (iteration + 1) % knn_period == 0:
-                metrics.update(teacher_knn(model, labelled, cfg, dist_info.device))
+            if online_eval.due(iteration):
+                metrics.update(online_eval(teacher_backbone(model)))
                 log.info("it %d: teacher k-NN top-1 %s", iteration,
                          {k: round(v, 2) for k, v in metrics.items() if k.startswith("knn_top1")})
             metrics_log.log(metrics)
