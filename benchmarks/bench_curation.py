@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine, peak_rss_mib
-from dinoscale.config import DedupConfig, KMeansConfig, SamplingConfig
+from dinoscale.curation.config import DedupConfig, KMeansConfig, SamplingConfig
 from dinoscale.curation.dedup import deduplicate
 from dinoscale.curation.kmeans import ClusterLevel, ClusterTree, fit_hierarchical_kmeans
 from dinoscale.curation.sampling import hierarchical_sample

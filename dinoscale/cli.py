@@ -64,7 +64,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from dinoscale.demo import run_demo
+    from dinoscale.demo.run import run_demo
 
     run_demo(args.out, quick=args.quick, overrides=args.overrides)
 

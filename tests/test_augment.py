@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from dinoscale.config import load_config
+from dinoscale.data.config import CropsConfig
 from dinoscale.data.augment import (IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, random_resized_crop_box,
                                     seeded_generator)
 from dinoscale.errors import ConfigError
@@ -30,7 +31,7 @@ def normalised(rgb) -> torch.Tensor:
 
 
 def test_crop_counts_and_sizes():
-    augment = MultiCropAugmentation(local_crops_number=5, global_crops_size=32, local_crops_size=16)
+    augment = MultiCropAugmentation(CropsConfig(local_crops_number=5, global_crops_size=32, local_crops_size=16))
     out = augment(noise_image(), seeded_generator(0))
     assert set(out) == {"global_crops", "local_crops"}
     assert [tuple(c.shape) for c in out["global_crops"]] == [(3, 32, 32)] * 2
@@ -41,7 +42,7 @@ def test_crop_counts_and_sizes():
 def test_from_config_uses_the_crops_section():
     cfg = load_config(None, ["crops.local_crops_number=3", "crops.global_crops_size=24", "crops.local_crops_size=8",
                              "crops.gram_teacher_crops_size=48", "student.patch_size=8"])
-    out = MultiCropAugmentation.from_config(cfg)(noise_image(), seeded_generator(1))
+    out = MultiCropAugmentation(cfg.crops, cfg.student.patch_size)(noise_image(), seeded_generator(1))
     assert [c.shape[-1] for c in out["global_crops"]] == [24, 24]
     assert [c.shape[-1] for c in out["local_crops"]] == [8, 8, 8]
     assert [c.shape[-1] for c in out["gram_teacher_crops"]] == [48, 48]
@@ -70,7 +71,7 @@ def test_crop_falls_back_to_centre_for_extreme_aspect_ratios():
 
 
 def test_same_seed_same_crops_other_seed_other_crops():
-    augment = MultiCropAugmentation(local_crops_number=2, global_crops_size=24, local_crops_size=12)
+    augment = MultiCropAugmentation(CropsConfig(local_crops_number=2, global_crops_size=24, local_crops_size=12))
     image = noise_image()
     first, again = augment(image, seeded_generator(7, 1)), augment(image, seeded_generator(7, 1))
     other = augment(image, seeded_generator(7, 2))
@@ -82,8 +83,8 @@ def test_same_seed_same_crops_other_seed_other_crops():
 def test_gram_crops_without_distortions_are_the_plain_normalised_view():
     """A constant image stays constant under crops and resizes: the undistorted Gram crop is its colour."""
     rgb = (200, 60, 30)
-    augment = MultiCropAugmentation(local_crops_number=0, global_crops_size=16, local_crops_size=8,
-                                    gram_teacher_crops_size=32, gram_teacher_no_distortions=True)
+    augment = MultiCropAugmentation(CropsConfig(local_crops_number=0, global_crops_size=16, local_crops_size=8,
+                                                gram_teacher_crops_size=32, gram_teacher_no_distortions=True))
     for seed in range(5):
         out = augment(constant_image(rgb), seeded_generator(seed))
         for crop in out["gram_teacher_crops"]:
@@ -94,7 +95,7 @@ def test_gram_crops_without_distortions_are_the_plain_normalised_view():
 def test_global_crops_are_photometrically_distorted():
     """The second global crop is distorted in most draws (jitter p=0.8, grayscale, solarisation)."""
     rgb = (200, 60, 30)
-    augment = MultiCropAugmentation(local_crops_number=0, global_crops_size=16, local_crops_size=8)
+    augment = MultiCropAugmentation(CropsConfig(local_crops_number=0, global_crops_size=16, local_crops_size=8))
     changed = sum(not torch.allclose(augment(constant_image(rgb), seeded_generator(s))["global_crops"][1],
                                      normalised(rgb).view(3, 1, 1).expand(3, 16, 16), atol=1e-3)
                   for s in range(20))
@@ -103,39 +104,40 @@ def test_global_crops_are_photometrically_distorted():
 
 def test_shared_colour_jitter_gives_every_crop_the_same_colour():
     """With one jitter per image, crops of a constant image differ only by solarisation (2nd global)."""
-    augment = MultiCropAugmentation(local_crops_number=4, global_crops_size=16, local_crops_size=8,
-                                    share_color_jitter=True)
+    augment = MultiCropAugmentation(CropsConfig(local_crops_number=4, global_crops_size=16, local_crops_size=8,
+                                                share_color_jitter=True))
     for seed in range(5):
         out = augment(constant_image(), seeded_generator(seed))
         reference = out["global_crops"][0][:, 0, 0]
         for crop in out["local_crops"]:
             torch.testing.assert_close(crop[:, 0, 0], reference, atol=1e-5, rtol=0)
-    unshared = MultiCropAugmentation(local_crops_number=4, global_crops_size=16, local_crops_size=8)
+    unshared = MultiCropAugmentation(CropsConfig(local_crops_number=4, global_crops_size=16, local_crops_size=8))
     out = unshared(constant_image(), seeded_generator(0))
     colours = {tuple(c[:, 0, 0].tolist()) for c in out["local_crops"]}
     assert len(colours) > 1
 
 
 def test_local_crops_inside_global_crops_are_patch_aligned_windows():
-    augment = MultiCropAugmentation(local_crops_number=4, global_crops_size=32, local_crops_size=16, patch_size=8,
-                                    localcrops_subset_of_globalcrops=True)
+    augment = MultiCropAugmentation(CropsConfig(local_crops_number=4, global_crops_size=32, local_crops_size=16,
+                                                localcrops_subset_of_globalcrops=True), patch_size=8)
     out = augment(noise_image(), seeded_generator(4))
     assert [tuple(c.shape) for c in out["local_crops"]] == [(3, 16, 16)] * 4
     with pytest.raises(ConfigError, match="local_crops_size"):
-        MultiCropAugmentation(global_crops_size=16, local_crops_size=32, localcrops_subset_of_globalcrops=True)
+        MultiCropAugmentation(CropsConfig(global_crops_size=16, local_crops_size=32,
+                                          localcrops_subset_of_globalcrops=True))
 
 
 @pytest.mark.parametrize("scale", [(0.0, 0.5), (0.5, 0.2), (0.1, 1.5)])
 def test_bad_scale_is_a_config_error(scale):
     with pytest.raises(ConfigError, match="global_crops_scale"):
-        MultiCropAugmentation(global_crops_scale=scale)
+        MultiCropAugmentation(CropsConfig(global_crops_scale=scale))
 
 
 def test_blur_probability_one_on_first_global_crop():
     """Gaussian blur with p=1.0 smooths the first global crop of a noise image more than the second
     (p=0.1) on average (at 112 px the blur radius is half the recipe's 0.1-2 px)."""
-    augment = MultiCropAugmentation(local_crops_number=0, global_crops_size=112, local_crops_size=8,
-                                    global_crops_scale=(1.0, 1.0), horizontal_flips=False)
+    augment = MultiCropAugmentation(CropsConfig(local_crops_number=0, global_crops_size=112, local_crops_size=8,
+                                                global_crops_scale=(1.0, 1.0), horizontal_flips=False))
 
     def roughness(crop: torch.Tensor) -> float:
         return float((crop[:, :, 1:] - crop[:, :, :-1]).abs().mean() / (crop.std() + 1e-6))
@@ -165,7 +167,7 @@ def test_colour_jitter_strengths_come_from_the_config():
                                  "crops.color_jitter_brightness=0", "crops.color_jitter_contrast=0",
                                  "crops.color_jitter_saturation=0", "crops.local_crops_number=0",
                                  "crops.global_crops_size=8", *overrides])
-        augment = MultiCropAugmentation.from_config(cfg)
+        augment = MultiCropAugmentation(cfg.crops, cfg.student.patch_size)
         return [abs((_first_global_hue(augment, s) - original + 0.5) % 1 - 0.5) for s in range(40)]
 
     assert max(hue_shifts(["crops.color_jitter_hue=0.1"])) <= 0.1 + 0.01
@@ -175,7 +177,7 @@ def test_colour_jitter_strengths_come_from_the_config():
 def test_grayscale_probability_one_makes_every_crop_grey():
     cfg = load_config(None, ["crops.grayscale_probability=1", "crops.local_crops_number=3",
                              "crops.global_crops_size=16", "crops.local_crops_size=8"])
-    out = MultiCropAugmentation.from_config(cfg)(noise_image(), seeded_generator(0))
+    out = MultiCropAugmentation(cfg.crops, cfg.student.patch_size)(noise_image(), seeded_generator(0))
     for crop in out["global_crops"] + out["local_crops"]:
         pixels = crop * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         torch.testing.assert_close(pixels[0], pixels[1], atol=2e-2, rtol=0)

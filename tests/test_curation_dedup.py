@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from dinoscale.config import DedupConfig
+from dinoscale.curation.config import DedupConfig
 from dinoscale.curation.dedup import content_hashes, deduplicate, load_dedup_result, save_dedup_result
 from dinoscale.errors import DataError
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import dinoscale.curation.kmeans as kmeans_module
-from dinoscale.config import KMeansConfig, SamplingConfig
+from dinoscale.curation.config import KMeansConfig, SamplingConfig
 from dinoscale.curation.kmeans import (
     ClusterTree,
     assign_slice,

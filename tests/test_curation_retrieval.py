@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dinoscale.config import RetrievalConfig
+from dinoscale.curation.config import RetrievalConfig
 from dinoscale.curation.retrieval import retrieval_curation, retrieve_by_clusters, retrieve_nearest
 from dinoscale.errors import ConfigError, DataError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dinoscale.config import SamplingConfig
+from dinoscale.curation.config import SamplingConfig
 from dinoscale.curation.kmeans import ClusterLevel, ClusterTree
 from dinoscale.curation.sampling import hierarchical_sample, split_quota
 from dinoscale.errors import ConfigError

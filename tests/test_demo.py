@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from dinoscale.demo import cluster_class_purity, run_demo
+from dinoscale.demo.run import cluster_class_purity, run_demo
 
 pytestmark = pytest.mark.slow
 

@@ -105,7 +105,7 @@ def test_param_groups_layerwise_decay_and_no_weight_decay():
 def test_apply_schedules_sets_lr_and_weight_decay_per_group():
     cfg = load_config(None, BASE + [f"optim.layerwise_decay={DECAY}", f"optim.patch_embed_lr_mult={PATCH_MULT}"])
     student = tiny_student()
-    optimizer = build_optimizer(student, cfg)
+    optimizer = build_optimizer(student, cfg.optim)
     schedules = build_schedules(cfg, 1024)
     values = apply_schedules(optimizer, schedules, 3 * EPOCH)
     for group in optimizer.param_groups:
@@ -119,7 +119,7 @@ def test_apply_schedules_sets_lr_and_weight_decay_per_group():
 def test_prototype_layer_is_frozen_during_the_first_epochs():
     cfg = load_config(None, BASE)
     student = tiny_student()
-    optimizer = build_optimizer(student, cfg)
+    optimizer = build_optimizer(student, cfg.optim)
     schedules = build_schedules(cfg, 1024)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     apply_schedules(optimizer, schedules, EPOCH + 1)  # after warm-up, inside the freeze

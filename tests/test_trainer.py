@@ -178,7 +178,7 @@ def test_a_checkpoint_of_the_unfused_adamw_resumes_on_the_fused_kernel(workdir, 
     cfg = load_config(str(workdir / "tiny.yaml"), _overrides(workdir, "unused"))
     batch = _one_batch(cfg)
     model = SSLMetaArch(cfg)
-    saved = build_optimizer(model.student, cfg)
+    saved = build_optimizer(model.student, cfg.optim)
     for group in saved.param_groups:  # as a checkpoint written before fused AdamW has them
         group.update(fused=None, foreach=None)
     schedules = build_schedules(cfg, 4)
@@ -188,7 +188,7 @@ def test_a_checkpoint_of_the_unfused_adamw_resumes_on_the_fused_kernel(workdir, 
     checkpoint = save_checkpoint(tmp_path, 2, model, saved, {}, keep_last=1)
 
     resumed_model = SSLMetaArch(cfg)
-    resumed = build_optimizer(resumed_model.student, cfg)
+    resumed = build_optimizer(resumed_model.student, cfg.optim)
     load_checkpoint(checkpoint, resumed_model, resumed)
     assert resumed.defaults["fused"] and all(group["fused"] for group in resumed.param_groups)
     pairs = [(old, new) for old, new in zip(model.student.parameters(), resumed_model.student.parameters())

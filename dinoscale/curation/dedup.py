@@ -18,10 +18,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
+from dinoscale.curation.config import DedupConfig
 from dinoscale.curation.faiss_utils import DEFAULT_CHUNK_ROWS, check_embeddings, inner_product_index, search
 from dinoscale.errors import DataError
 from dinoscale.utils.io import read_json, save_npy, write_json
@@ -45,7 +46,7 @@ def content_hashes(read_bytes: Callable[[int], bytes], n_items: int) -> list[str
     return [hashlib.sha256(read_bytes(i)).hexdigest() for i in progress(range(n_items), "hashing", n_items)]
 
 
-def deduplicate(embeddings: np.ndarray, cfg: Any, hashes: Sequence[str] | Callable[[int], bytes] | None = None,
+def deduplicate(embeddings: np.ndarray, cfg: DedupConfig, hashes: Sequence[str] | Callable[[int], bytes] | None = None,
                 pixel_counts: np.ndarray | None = None, keys: Sequence[str] | None = None,
                 reference_sets: Sequence[np.ndarray] = (), seed: int = 0) -> DedupResult:
     """Deduplicate the pool whose row i of `embeddings` (N, D) is item i.
@@ -124,7 +125,7 @@ def load_dedup_result(directory: str | Path) -> DedupResult:
 
 
 # ----------------------------------------------------------------------------- graph building
-def _near_duplicate_edges(x: np.ndarray, rows: np.ndarray, cfg: Any, seed: int):
+def _near_duplicate_edges(x: np.ndarray, rows: np.ndarray, cfg: DedupConfig, seed: int):
     """Yield (u, v) arrays of pool indices whose cosine exceeds cfg.threshold among the k nearest."""
     index = inner_product_index(x, cfg.ivf_min_size, cfg.nprobe, rows=rows, seed=seed)
     for pos, scores, ids in progress(search(index, x, cfg.k + 1, rows=rows), "near-duplicate graph",
@@ -135,7 +136,7 @@ def _near_duplicate_edges(x: np.ndarray, rows: np.ndarray, cfg: Any, seed: int):
         yield rows[pos + q], rows[ids[q, j]]
 
 
-def _close_to_reference(x: np.ndarray, rows: np.ndarray, reference: np.ndarray, cfg: Any, seed: int) -> np.ndarray:
+def _close_to_reference(x: np.ndarray, rows: np.ndarray, reference: np.ndarray, cfg: DedupConfig, seed: int) -> np.ndarray:
     """Positions within `rows` whose nearest reference image has cosine above the threshold."""
     index = inner_product_index(reference, cfg.ivf_min_size, cfg.nprobe, seed=seed)
     hits = [pos + np.flatnonzero(scores[:, 0] > cfg.decontamination_threshold)

@@ -29,7 +29,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from dinoscale.curation.config import EmbedConfig
 from dinoscale.curation.copy_descriptor import CopyDescriptorEmbedder
 from dinoscale.data.pool import ImagePool, decode_image, open_pool
 from dinoscale.errors import ConfigError, DataError
@@ -113,7 +114,7 @@ def backbone_weights(backbone: str, key: str = "curation.embed.backbone") -> Pat
     return path
 
 
-def build_embedder(backbone: str, image_size: int, cfg: Any, key: str = "curation.embed.backbone",
+def build_embedder(backbone: str, image_size: int, cfg: EmbedConfig, key: str = "curation.embed.backbone",
                    device: torch.device | None = None) -> Embedder:
     """`pixels`, `descriptor` or a backbone, with the arch, features and precision of the `curation.embed`
     section `cfg`."""
@@ -129,7 +130,7 @@ def build_embedder(backbone: str, image_size: int, cfg: Any, key: str = "curatio
     return BackboneEmbedder(model, image_size, cfg.features, cfg.precision, device or default_device())
 
 
-def pool_embedders(cfg: Any) -> dict[str, Embedder]:
+def pool_embedders(cfg: EmbedConfig) -> dict[str, Embedder]:
     """The embedders a `curation.embed` section runs on images: main (unless from a file) and copy detection."""
     embedders: dict[str, Embedder] = {}
     if not cfg.embeddings_file:
@@ -281,7 +282,7 @@ def merge_slices(slice_dirs: Sequence[Path], out_dir: Path) -> dict[str, int]:
     return counts
 
 
-def embed_reference_set(path: str | Path, backbone: str, image_size: int, cfg: Any) -> np.ndarray:
+def embed_reference_set(path: str | Path, backbone: str, image_size: int, cfg: EmbedConfig) -> np.ndarray:
     """Embeddings of a seed or evaluation set: an (N, D) .npy file as is, or a pool of images embedded by
     `backbone` at `image_size` (the readable images only)."""
     path = Path(path)

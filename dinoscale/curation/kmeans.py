@@ -21,11 +21,12 @@ import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from dinoscale.config import config_hash
+from dinoscale.curation.config import KMeansConfig
 from dinoscale.curation.faiss_utils import check_embeddings, nearest_centroid
 from dinoscale.curation.lloyd import lloyd
 from dinoscale.curation.seeding import seed_rows
@@ -113,7 +114,7 @@ def merge_assignment_slices(parts: Sequence[tuple[int, np.ndarray, np.ndarray]],
     return assignment, distances
 
 
-def fit_hierarchical_kmeans(x: np.ndarray, cfg: Any, checkpoint_dir: str | Path | None = None, seed: int = 0,
+def fit_hierarchical_kmeans(x: np.ndarray, cfg: KMeansConfig, checkpoint_dir: str | Path | None = None, seed: int = 0,
                             assign_all: AssignFn | None = None) -> ClusterTree:
     """Fit the tree on the rows of `x` (an (N, D) array, memory-mapped is fine).
 
@@ -154,7 +155,7 @@ def fit_hierarchical_kmeans(x: np.ndarray, cfg: Any, checkpoint_dir: str | Path 
 
 
 # ----------------------------------------------------------------------------- one level
-def _fit_level(items: np.ndarray, assign_items: AssignFn, cfg: Any, i: int, rng: np.random.Generator) -> ClusterLevel:
+def _fit_level(items: np.ndarray, assign_items: AssignFn, cfg: KMeansConfig, i: int, rng: np.random.Generator) -> ClusterLevel:
     n_items = items.shape[0]
     k = min(cfg.n_clusters[i], n_items)
     if k < cfg.n_clusters[i]:
@@ -173,7 +174,7 @@ def _fit_level(items: np.ndarray, assign_items: AssignFn, cfg: Any, i: int, rng:
     return ClusterLevel(centroids, assignment, distances)
 
 
-def _kmeans(points: np.ndarray, k: int, cfg: Any, rng: np.random.Generator) -> np.ndarray:
+def _kmeans(points: np.ndarray, k: int, cfg: KMeansConfig, rng: np.random.Generator) -> np.ndarray:
     """Seeded Lloyd k-means on all of `points`; centroids in `cfg.dtype`."""
     points = np.ascontiguousarray(points, dtype=np.float32)
     k = min(k, points.shape[0])
@@ -202,7 +203,7 @@ def rank_within_groups(sorted_groups: np.ndarray) -> np.ndarray:
     return np.arange(len(sorted_groups)) - np.repeat(starts, sizes)
 
 
-def _split_clusters(x: np.ndarray, level: ClusterLevel, cfg: Any, rng: np.random.Generator) -> ClusterLevel:
+def _split_clusters(x: np.ndarray, level: ClusterLevel, cfg: KMeansConfig, rng: np.random.Generator) -> ClusterLevel:
     """Replace each cluster by up to `cfg.n_split` sub-clusters found by k-means on its own points."""
     order = np.argsort(level.assignment, kind="stable")
     bounds = np.searchsorted(level.assignment[order], np.arange(level.n_clusters + 1))
@@ -235,7 +236,7 @@ def _drop_empty_clusters(level: ClusterLevel) -> ClusterLevel:
 
 
 # ----------------------------------------------------------------------------- config and checkpoints
-def _check_config(cfg: Any, n_points: int) -> None:
+def _check_config(cfg: KMeansConfig, n_points: int) -> None:
     n_levels = len(cfg.n_clusters)
     if n_levels == 0:
         raise ConfigError("curation.kmeans.n_clusters is empty; give one cluster count per level, e.g. [1000, 100]")
@@ -253,7 +254,7 @@ def _check_config(cfg: Any, n_points: int) -> None:
                           f"{cfg.n_clusters[0]} first-level clusters; raise it or set it to null")
 
 
-def _plain_config(cfg: Any) -> dict:
+def _plain_config(cfg: KMeansConfig) -> dict:
     plain = {name: list(getattr(cfg, name)) for name in ("n_clusters", "n_resampling_steps", "sample_size")}
     for name in ("resampling_strategy", "n_iter", "init", "seeding_points_per_cluster", "n_split", "train_sample",
                  "dtype", "lloyd_precision"):
@@ -261,7 +262,7 @@ def _plain_config(cfg: Any) -> dict:
     return plain
 
 
-def _level_key(cfg: Any, i: int, seed: int, fingerprint: str) -> str:
+def _level_key(cfg: KMeansConfig, i: int, seed: int, fingerprint: str) -> str:
     """What level i depends on: the data, the seed, and the settings of levels 0..i."""
     plain = _plain_config(cfg)
     for name in ("n_clusters", "n_resampling_steps", "sample_size"):

@@ -9,10 +9,11 @@ images of one set gives up to `images_per_cluster` random images of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from dinoscale.curation.config import RetrievalConfig
 from dinoscale.curation.faiss_utils import check_embeddings, inner_product_index, nearest_centroid, search
 from dinoscale.curation.kmeans import rank_within_groups
 from dinoscale.errors import ConfigError, DataError
@@ -87,7 +88,7 @@ def retrieve_by_clusters(seed_sets: Sequence[np.ndarray], centroids: np.ndarray,
                            np.full(n, np.nan, dtype=np.float32), pool_assignment[pool_ids[first]])
 
 
-def retrieval_curation(pool: np.ndarray, seed_sets: Sequence[np.ndarray], cfg: Any,
+def retrieval_curation(pool: np.ndarray, seed_sets: Sequence[np.ndarray], cfg: RetrievalConfig,
                        candidates: np.ndarray | None = None, centroids: np.ndarray | None = None,
                        pool_assignment: np.ndarray | None = None, seed: int = 0) -> RetrievalResult:
     """Run the mode `cfg` (a `RetrievalConfig`) asks for; cluster mode needs a pool clustering."""

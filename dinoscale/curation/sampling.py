@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from dinoscale.curation.config import SamplingConfig
 from dinoscale.curation.kmeans import ClusterTree, rank_within_groups
 from dinoscale.errors import ConfigError
 from dinoscale.utils.logging import get_logger
@@ -32,7 +32,7 @@ class SampleResult:
     cluster_path: np.ndarray  # (n_selected, n_levels) int64, the cluster at each level, finest first
 
 
-def hierarchical_sample(tree: ClusterTree, cfg: Any, seed: int = 0) -> SampleResult:
+def hierarchical_sample(tree: ClusterTree, cfg: SamplingConfig, seed: int = 0) -> SampleResult:
     """Pick `cfg.target_size` points of the tree's pool (a `SamplingConfig`), deterministic in `seed`."""
     if cfg.strategy not in ("random", "closest"):
         raise ConfigError(f"curation.sampling.strategy = {cfg.strategy!r}; choose 'random' or 'closest'")

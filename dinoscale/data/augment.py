@@ -8,16 +8,18 @@ images (fast C code; tensor-side hue conversion is about 20x slower), normalisat
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms.v2 import InterpolationMode
 
+from dinoscale.data.config import CropsConfig
 from dinoscale.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,16 +84,14 @@ def _check_scale(name: str, scale: Sequence[float]) -> tuple[float, float]:
     return float(scale[0]), float(scale[1])
 
 
-@dataclass
 class ColorJitter:
-    """Draws and applies DINOv2's colour distortion: jitter (p=0.8, random order) then grayscale (p=0.2)."""
+    """Draws and applies DINOv2's colour distortion: jitter (p=0.8, random order) then grayscale (p=0.2);
+    strengths and probabilities are the `crops.color_jitter_*` and `crops.grayscale_probability` knobs."""
 
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    jitter_probability: float = 0.8
-    grayscale_probability: float = 0.2
+    def __init__(self, crops: CropsConfig):
+        self.brightness, self.contrast = crops.color_jitter_brightness, crops.color_jitter_contrast
+        self.saturation, self.hue = crops.color_jitter_saturation, crops.color_jitter_hue
+        self.jitter_probability, self.grayscale_probability = crops.color_jitter_probability, crops.grayscale_probability
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> Image.Image:
         if _rand(generator) < self.jitter_probability:
@@ -123,7 +123,7 @@ class MultiCropAugmentation:
     """Two global crops, `local_crops_number` local crops and optionally two Gram-teacher crops.
 
     DINOv2 recipe: RandomResizedCrop (bicubic) + horizontal flip; colour jitter and grayscale
-    (`color_jitter`, the recipe's strengths by default);
+    (`crops.color_jitter_*`, the recipe's strengths by default);
     Gaussian blur with p=1.0 (first global), 0.1 (second global), 0.5 (locals), radius 0.1-2 px at
     224/96 px and proportionally less on smaller crops (a 2-px blur wipes out a 32-px crop's
     texture); solarisation with p=0.2 on the second global crop; ImageNet normalisation.
@@ -134,74 +134,50 @@ class MultiCropAugmentation:
     `share_color_jitter` (one colour distortion applied to the whole image before cropping).
     """
 
-    def __init__(self, global_crops_scale: Sequence[float] = (0.32, 1.0), local_crops_scale: Sequence[float] = (0.05, 0.32),
-                 local_crops_number: int = 8, global_crops_size: int = 224, local_crops_size: int = 96,
-                 gram_teacher_crops_size: int | None = None, gram_teacher_no_distortions: bool = False,
-                 localcrops_subset_of_globalcrops: bool = False, share_color_jitter: bool = False,
-                 horizontal_flips: bool = True, patch_size: int = 16, color_jitter: ColorJitter | None = None,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        self.global_crops_scale = _check_scale("global_crops_scale", global_crops_scale)
-        self.local_crops_scale = _check_scale("local_crops_scale", local_crops_scale)
-        self.local_crops_number = local_crops_number
-        self.global_crops_size = global_crops_size
-        self.local_crops_size = local_crops_size
-        self.gram_teacher_crops_size = gram_teacher_crops_size
-        self.gram_teacher_no_distortions = gram_teacher_no_distortions
-        self.localcrops_subset_of_globalcrops = localcrops_subset_of_globalcrops
-        self.share_color_jitter = share_color_jitter
-        self.flip_probability = 0.5 if horizontal_flips else 0.0
+    def __init__(self, crops: CropsConfig | None = None, patch_size: int = 16, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD):
+        # a plain dataclass: reading a DictConfig node per crop would slow the data loader down
+        crops = OmegaConf.to_object(crops) if isinstance(crops, DictConfig) else crops or CropsConfig()
+        self.crops = dataclasses.replace(
+            crops, global_crops_scale=_check_scale("global_crops_scale", crops.global_crops_scale),
+            local_crops_scale=_check_scale("local_crops_scale", crops.local_crops_scale))
+        self.flip_probability = 0.5 if self.crops.horizontal_flips else 0.0
         self.patch_size = patch_size
         # normalisation as one multiply-subtract on the uint8 values: (x / 255 - mean) / std
         self._pixel_scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(-1, 1, 1)
         self._pixel_shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)).view(-1, 1, 1)
-        self.color_jitter = color_jitter or ColorJitter()
-        if localcrops_subset_of_globalcrops and local_crops_size > global_crops_size:
-            raise ConfigError(f"crops.local_crops_size = {local_crops_size} must not exceed crops.global_crops_size = "
-                              f"{global_crops_size} when crops.localcrops_subset_of_globalcrops is true")
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> "MultiCropAugmentation":
-        """Build from a full dinoscale config (its `crops` section and `student.patch_size`)."""
-        crops = cfg.crops
-        return cls(global_crops_scale=crops.global_crops_scale, local_crops_scale=crops.local_crops_scale,
-                   local_crops_number=crops.local_crops_number, global_crops_size=crops.global_crops_size,
-                   local_crops_size=crops.local_crops_size, gram_teacher_crops_size=crops.gram_teacher_crops_size,
-                   gram_teacher_no_distortions=crops.gram_teacher_no_distortions,
-                   localcrops_subset_of_globalcrops=crops.localcrops_subset_of_globalcrops,
-                   share_color_jitter=crops.share_color_jitter, horizontal_flips=crops.horizontal_flips,
-                   patch_size=cfg.student.patch_size,
-                   color_jitter=ColorJitter(brightness=crops.color_jitter_brightness,
-                                            contrast=crops.color_jitter_contrast,
-                                            saturation=crops.color_jitter_saturation, hue=crops.color_jitter_hue,
-                                            jitter_probability=crops.color_jitter_probability,
-                                            grayscale_probability=crops.grayscale_probability))
+        self.color_jitter = ColorJitter(self.crops)
+        if self.crops.localcrops_subset_of_globalcrops and self.crops.local_crops_size > self.crops.global_crops_size:
+            raise ConfigError(f"crops.local_crops_size = {self.crops.local_crops_size} must not exceed "
+                              f"crops.global_crops_size = {self.crops.global_crops_size} when "
+                              "crops.localcrops_subset_of_globalcrops is true")
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> dict[str, list[torch.Tensor]]:
         """Crops of one RGB image as normalised float tensors [3, size, size]:
         {"global_crops": [2], "local_crops": [n], "gram_teacher_crops": [2] when configured}."""
         pixels = image.convert("RGB")
-        if self.share_color_jitter:
+        if self.crops.share_color_jitter:
             pixels = self.color_jitter(pixels, generator)
-        base_size = max(self.global_crops_size, self.gram_teacher_crops_size or 0)
-        bases = [self._geometric(pixels, self.global_crops_scale, base_size, generator) for _ in range(2)]
+        base_size = max(self.crops.global_crops_size, self.crops.gram_teacher_crops_size or 0)
+        bases = [self._geometric(pixels, self.crops.global_crops_scale, base_size, generator) for _ in range(2)]
         output: dict[str, list[torch.Tensor]] = {"global_crops": [], "local_crops": []}
         gram_crops = []
         for index, base in enumerate(bases):
-            if self.gram_teacher_crops_size is not None and self.gram_teacher_no_distortions:
-                gram_crops.append(self._normalize(self._resize(base, self.gram_teacher_crops_size)))
-                base = self._resize(base, self.global_crops_size)
+            if self.crops.gram_teacher_crops_size is not None and self.crops.gram_teacher_no_distortions:
+                gram_crops.append(self._normalize(self._resize(base, self.crops.gram_teacher_crops_size)))
+                base = self._resize(base, self.crops.global_crops_size)
                 bases[index] = base
             distorted = self._global_distortions(base, index, generator)
-            if self.gram_teacher_crops_size is not None and not self.gram_teacher_no_distortions:
-                gram_crops.append(self._normalize(self._resize(distorted, self.gram_teacher_crops_size)))
-            output["global_crops"].append(self._normalize(self._resize(distorted, self.global_crops_size)))
+            if self.crops.gram_teacher_crops_size is not None and not self.crops.gram_teacher_no_distortions:
+                gram_crops.append(self._normalize(self._resize(distorted, self.crops.gram_teacher_crops_size)))
+            output["global_crops"].append(self._normalize(self._resize(distorted, self.crops.global_crops_size)))
         if gram_crops:
             output["gram_teacher_crops"] = gram_crops
-        for index in range(self.local_crops_number):
-            if self.localcrops_subset_of_globalcrops:
-                local = self._window_of(self._resize(bases[index % 2], self.global_crops_size), generator)
+        for index in range(self.crops.local_crops_number):
+            if self.crops.localcrops_subset_of_globalcrops:
+                local = self._window_of(self._resize(bases[index % 2], self.crops.global_crops_size), generator)
             else:
-                local = self._geometric(pixels, self.local_crops_scale, self.local_crops_size, generator)
+                local = self._geometric(pixels, self.crops.local_crops_scale, self.crops.local_crops_size, generator)
             output["local_crops"].append(self._normalize(self._local_distortions(local, generator)))
         return output
 
@@ -213,22 +189,22 @@ class MultiCropAugmentation:
 
     def _window_of(self, global_view: Image.Image, generator: torch.Generator) -> Image.Image:
         """A patch-aligned local_crops_size window of a global view (DINOv3's local-inside-global crops)."""
-        steps = (self.global_crops_size - self.local_crops_size) // self.patch_size
+        steps = (self.crops.global_crops_size - self.crops.local_crops_size) // self.patch_size
         top, left = (_randint(0, steps, generator) * self.patch_size for _ in range(2))
-        return global_view.crop((left, top, left + self.local_crops_size, top + self.local_crops_size))
+        return global_view.crop((left, top, left + self.crops.local_crops_size, top + self.crops.local_crops_size))
 
     def _global_distortions(self, view: Image.Image, index: int, generator: torch.Generator) -> Image.Image:
-        if not self.share_color_jitter:
+        if not self.crops.share_color_jitter:
             view = self.color_jitter(view, generator)
-        radius_scale = self.global_crops_size / RECIPE_GLOBAL_SIZE
+        radius_scale = self.crops.global_crops_size / RECIPE_GLOBAL_SIZE
         if index == 0:
             return _maybe_blur(view, 1.0, radius_scale, generator)
         return _maybe_solarize(_maybe_blur(view, 0.1, radius_scale, generator), 0.2, generator)
 
     def _local_distortions(self, view: Image.Image, generator: torch.Generator) -> Image.Image:
-        if not self.share_color_jitter:
+        if not self.crops.share_color_jitter:
             view = self.color_jitter(view, generator)
-        return _maybe_blur(view, 0.5, self.local_crops_size / RECIPE_LOCAL_SIZE, generator)
+        return _maybe_blur(view, 0.5, self.crops.local_crops_size / RECIPE_LOCAL_SIZE, generator)
 
     @staticmethod
     def _resize(view: Image.Image, size: int) -> Image.Image:

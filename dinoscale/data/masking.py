@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
@@ -39,13 +38,6 @@ class MaskingGenerator:
             raise ConfigError(f"ibot.mask_min_aspect = {min_aspect} must be > 0")
         max_aspect = max_aspect or 1 / min_aspect
         self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> "MaskingGenerator":
-        """The iBOT mask generator for the global crops' patch grid (blocks up to half the grid)."""
-        side = cfg.crops.global_crops_size // cfg.student.patch_size
-        return cls((side, side), max_num_patches=0.5 * side * side, min_num_patches=cfg.ibot.mask_min_num_patches,
-                   min_aspect=cfg.ibot.mask_min_aspect)
 
     def __call__(self, num_masking_patches: int, generator: torch.Generator) -> torch.Tensor:
         """A bool mask [height, width] with exactly min(num_masking_patches, grid size) True entries."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from dinoscale.data.collate import collate_data_and_cast
 from dinoscale.data.masking import MaskingGenerator
 from dinoscale.data.pool import ImagePool, open_pool
 from dinoscale.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from dinoscale.config import Config
 
 SHUFFLE_BLOCK = 4096
 
@@ -143,7 +146,7 @@ def make_loader(stream: BatchStream, num_workers: int) -> DataLoader:
                       prefetch_factor=2 if num_workers > 0 else None)
 
 
-def training_sources(cfg: Any) -> list[Source]:
+def training_sources(cfg: Config) -> list[Source]:
     """The pools of `train.sources` (weighted), else the one of `train.dataset_path`."""
     if cfg.train.sources:
         return [Source(open_pool(s.path), s.weight) for s in cfg.train.sources]
@@ -152,11 +155,14 @@ def training_sources(cfg: Any) -> list[Source]:
     return [Source(open_pool(cfg.train.dataset_path))]
 
 
-def build_stream(cfg: Any, rank: int, world_size: int, start_step: int) -> BatchStream:
-    """The training stream of a dinoscale config (`train`, `crops`, `ibot`, `student.patch_size`,
-    `seed`) for one rank, from `start_step` on."""
-    augment = MultiCropAugmentation.from_config(cfg)
-    mask_generator = MaskingGenerator.from_config(cfg)
+def build_stream(cfg: Config, rank: int, world_size: int, start_step: int) -> BatchStream:
+    """The training stream of a dinoscale config (its `train`, `crops` and `ibot` sections, the patch
+    size and the seed) for one rank, from `start_step` on."""
+    augment = MultiCropAugmentation(cfg.crops, cfg.student.patch_size)
+    # iBOT masks on the global crops' patch grid, in blocks of up to half of it
+    side = cfg.crops.global_crops_size // cfg.student.patch_size
+    mask_generator = MaskingGenerator((side, side), max_num_patches=0.5 * side * side,
+                                      min_num_patches=cfg.ibot.mask_min_num_patches, min_aspect=cfg.ibot.mask_min_aspect)
 
     def collate(samples: list, generator: torch.Generator) -> dict:
         return collate_data_and_cast(samples, cfg.ibot.mask_ratio_min_max, cfg.ibot.mask_sample_probability,

@@ -1,7 +1,7 @@
 """Evaluation protocols on a backbone: features of the train and val datasets, then k-NN or a
 linear probe; also k-NN over checkpoints (the trainer's online k-NN is in `dinoscale.eval.online`).
 
-`cfg` is the `eval` config section (`EvalConfig` fields).
+`cfg` is the `eval` config section.
 """
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from dinoscale.data.pool import ImagePool, open_pool
 from dinoscale.errors import DataError
+from dinoscale.eval.config import EvalConfig
 from dinoscale.eval.features import FeatureSet, LabelledImages, extract_features
 from dinoscale.eval.knn import KnnResult, knn_classify
 from dinoscale.eval.linear import LinearProbeResult, linear_probe
@@ -50,12 +51,12 @@ def aligned_labels(train: FeatureSet, val: FeatureSet) -> tuple[torch.Tensor, to
     return train_labels, remap[val_labels], len(train.class_names)
 
 
-def _features(model: nn.Module, images: LabelledImages, cfg: Any, device: torch.device, desc: str) -> FeatureSet:
+def _features(model: nn.Module, images: LabelledImages, cfg: EvalConfig, device: torch.device, desc: str) -> FeatureSet:
     return extract_features(model, images, image_size=cfg.image_size, batch_size=cfg.batch_size,
                             num_workers=cfg.num_workers, device=device, precision=cfg.precision, desc=desc)
 
 
-def evaluate_knn(model: nn.Module, train_images: LabelledImages, val_images: LabelledImages, cfg: Any,
+def evaluate_knn(model: nn.Module, train_images: LabelledImages, val_images: LabelledImages, cfg: EvalConfig,
                  device: torch.device | None = None) -> KnnResult:
     """Weighted k-NN of the val images against the train images (eval.knn_* settings)."""
     device = device or default_device()
@@ -67,7 +68,7 @@ def evaluate_knn(model: nn.Module, train_images: LabelledImages, val_images: Lab
                         query_chunk_size=cfg.knn_query_chunk_size, bank_chunk_size=cfg.knn_bank_chunk_size)
 
 
-def evaluate_linear(model: nn.Module, train_images: LabelledImages, val_images: LabelledImages, cfg: Any,
+def evaluate_linear(model: nn.Module, train_images: LabelledImages, val_images: LabelledImages, cfg: EvalConfig,
                     device: torch.device | None = None, seed: int = 0) -> LinearProbeResult:
     """Linear probe trained on the train images (grid chosen on a held-out part), scored on the val images."""
     device = device or default_device()
@@ -96,7 +97,7 @@ def checkpoint_iteration(path: str | os.PathLike) -> int | None:
 
 
 def knn_over_checkpoints(checkpoints: Sequence[str | os.PathLike], train_images: LabelledImages,
-                         val_images: LabelledImages, cfg: Any, load: Callable[[str], nn.Module],
+                         val_images: LabelledImages, cfg: EvalConfig, load: Callable[[str], nn.Module],
                          device: torch.device | None = None) -> list[dict]:
     """k-NN of every checkpoint (`load(path)` gives its backbone), ordered by iteration."""
     points = []

@@ -4,16 +4,16 @@ plain copy of the EMA teacher's backbone and logs the weighted k-NN accuracy on 
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import nn
 
+from dinoscale.eval.config import EvalConfig
 from dinoscale.eval.evaluate import evaluate_knn, knn_metrics, open_labelled
 from dinoscale.eval.features import LabelledImages
 
 
-def online_knn(model: nn.Module, train_images: LabelledImages, val_images: LabelledImages, cfg: Any,
+def online_knn(model: nn.Module, train_images: LabelledImages, val_images: LabelledImages, cfg: EvalConfig,
                device: torch.device | None = None) -> dict[str, float]:
     """The `knn_top1_k*` / `knn_top5_k*` metrics of `model`; its train/eval mode is restored afterwards."""
     return knn_metrics(evaluate_knn(model, train_images, val_images, cfg, device))
@@ -22,7 +22,7 @@ def online_knn(model: nn.Module, train_images: LabelledImages, val_images: Label
 class OnlineEvaluation:
     """What the trainer evaluates, and when; the labelled sets are opened once, at the start."""
 
-    def __init__(self, cfg: Any, device: torch.device):
+    def __init__(self, cfg: EvalConfig, device: torch.device):
         self.cfg, self.device = cfg, device
         self.period = cfg.online_knn_period_iterations
         self.labelled = ((open_labelled(cfg.train_dataset, "train"), open_labelled(cfg.val_dataset, "val"))

@@ -55,7 +55,7 @@ def build_sharded_model(cfg: DictConfig, device: torch.device, world_size: int) 
 def build_model(cfg: DictConfig, device: torch.device, world_size: int) -> tuple[SSLMetaArch, torch.optim.AdamW]:
     """The sharded SSL model and its optimizer."""
     model = build_sharded_model(cfg, device, world_size)
-    return model, build_optimizer(model.student, cfg)
+    return model, build_optimizer(model.student, cfg.optim)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from dinoscale.train.config import OptimConfig
 from dinoscale.train.schedules import Schedules
 
 # learned tokens and embeddings that sit before the first block (layer 0) and get no weight decay
@@ -79,14 +80,14 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
 
-def build_optimizer(student: nn.ModuleDict, cfg: Any) -> torch.optim.AdamW:
+def build_optimizer(student: nn.ModuleDict, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW over the student's parameter groups; lr and weight decay are set by `apply_schedules`.
 
     A loaded state dict keeps this optimizer's implementation (see `keep_implementation`)."""
-    groups = fuse_params_groups(get_params_groups(student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult))
+    groups = fuse_params_groups(get_params_groups(student, optim.layerwise_decay, optim.patch_embed_lr_mult))
     fused = True if next(student.parameters()).device.type in FUSED_ADAMW_DEVICES else None  # None: torch's choice
     optimizer = torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0,
-                                  betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=fused)
+                                  betas=(optim.adamw_beta1, optim.adamw_beta2), fused=fused)
     optimizer.register_load_state_dict_pre_hook(keep_implementation)
     return optimizer
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
+from dinoscale.config import Config
 from dinoscale.errors import ConfigError
 
 
@@ -88,7 +88,7 @@ class Schedules:
                                warmup_iterations=self.warmup_teacher_temp_iterations)
 
 
-def build_schedules(cfg: Any, global_batch_size: int) -> Schedules:
+def build_schedules(cfg: Config, global_batch_size: int) -> Schedules:
     """Schedules of a dinoscale config for `global_batch_size` images per step (all ranks).
 
     The peak lr is `optim.lr` when set, else `optim.base_lr` scaled by `optim.scaling_rule`.

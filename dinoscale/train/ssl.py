@@ -17,11 +17,13 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from dinoscale.config import Config
 from dinoscale.errors import ConfigError
 from dinoscale.losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss, resize_patch_grid
 from dinoscale.models.head import build_head
 from dinoscale.models.init import InitStep, eager_init_steps
 from dinoscale.models.presets import build_backbone
+from dinoscale.train.config import DinoConfig, IbotConfig
 
 N_GLOBAL_CROPS = 2
 BRANCHES = ("student", "teacher", "gram_teacher")
@@ -30,7 +32,7 @@ BRANCHES = ("student", "teacher", "gram_teacher")
 class SSLMetaArch(nn.Module):
     """student / teacher = ModuleDict{backbone, dino_head, ibot_head}; gram_teacher = ModuleDict{backbone}."""
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
         self.ibot_separate_head = cfg.ibot.separate_head
@@ -259,7 +261,7 @@ def student_init_steps(student: nn.ModuleDict) -> Iterator[InitStep]:
         yield from eager_init_steps(part)
 
 
-def _head(in_dim: int, section: Any) -> nn.Module:
+def _head(in_dim: int, section: DinoConfig | IbotConfig) -> nn.Module:
     return build_head(in_dim, section.head_n_prototypes, section.head_hidden_dim, section.head_bottleneck_dim,
                       section.head_nlayers)
 
