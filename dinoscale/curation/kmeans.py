@@ -25,19 +25,18 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dinoscale.config import config_hash
 from dinoscale.curation.config import KMeansConfig
 from dinoscale.curation.faiss_utils import check_embeddings, nearest_centroid
 from dinoscale.curation.lloyd import lloyd
 from dinoscale.curation.seeding import seed_rows
 from dinoscale.errors import ConfigError, DataError
-from dinoscale.utils.io import atomic_dir, read_json, save_npy, write_json
+from dinoscale.utils.io import atomic_dir, save_npy
 from dinoscale.utils.logging import get_logger, progress
+from dinoscale.utils.stages import MARKER, is_done, mark_done
 
 log = get_logger(__name__)
 
 AssignFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-LEVEL_FILE = "level.json"
 
 
 @dataclass
@@ -73,16 +72,16 @@ class ClusterTree:
     def save(self, directory: str | Path) -> None:
         """Write every level to `directory/level_<i>/` atomically."""
         for i, level in enumerate(self.levels):
-            _save_level(Path(directory) / f"level_{i}", level, key="")
+            _save_level(Path(directory) / f"level_{i}", level, key={})
 
     @classmethod
     def load(cls, directory: str | Path) -> "ClusterTree":
         directory = Path(directory)
         levels = []
-        while (directory / f"level_{len(levels)}" / LEVEL_FILE).exists():
+        while (directory / f"level_{len(levels)}" / MARKER).exists():
             levels.append(_load_level(directory / f"level_{len(levels)}"))
         if not levels:
-            raise DataError(f"no cluster tree in '{directory}' (expected level_0/{LEVEL_FILE}); run the kmeans stage")
+            raise DataError(f"no cluster tree in '{directory}' (expected level_0/{MARKER}); run the kmeans stage")
         return cls(levels)
 
 
@@ -131,7 +130,7 @@ def fit_hierarchical_kmeans(x: np.ndarray, cfg: KMeansConfig, checkpoint_dir: st
     for i in range(len(cfg.n_clusters)):
         key = _level_key(cfg, i, seed, fingerprint)
         level_dir = Path(checkpoint_dir) / f"level_{i}" if checkpoint_dir is not None else None
-        if level_dir is not None and _stored_key(level_dir) == key:
+        if level_dir is not None and is_done(level_dir, key):
             log.info("k-means level %d: loaded from %s", i + 1, level_dir)
             levels.append(_load_level(level_dir))
             continue
@@ -262,12 +261,12 @@ def _plain_config(cfg: KMeansConfig) -> dict:
     return plain
 
 
-def _level_key(cfg: KMeansConfig, i: int, seed: int, fingerprint: str) -> str:
+def _level_key(cfg: KMeansConfig, i: int, seed: int, fingerprint: str) -> dict:
     """What level i depends on: the data, the seed, and the settings of levels 0..i."""
     plain = _plain_config(cfg)
     for name in ("n_clusters", "n_resampling_steps", "sample_size"):
         plain[name] = plain[name][:i + 1]
-    return config_hash({"config": plain, "seed": seed, "data": fingerprint})
+    return {"config": plain, "seed": seed, "data": fingerprint}
 
 
 def _data_fingerprint(x: np.ndarray) -> str:
@@ -278,17 +277,12 @@ def _data_fingerprint(x: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
-def _stored_key(level_dir: Path) -> str | None:
-    marker = level_dir / LEVEL_FILE
-    return read_json(marker).get("key") if marker.exists() else None
-
-
-def _save_level(level_dir: Path, level: ClusterLevel, key: str) -> None:
+def _save_level(level_dir: Path, level: ClusterLevel, key: dict) -> None:
     with atomic_dir(level_dir) as tmp:
         save_npy(tmp / "centroids.npy", level.centroids)
         save_npy(tmp / "assignment.npy", level.assignment)
         save_npy(tmp / "distances.npy", level.distances)
-        write_json(tmp / LEVEL_FILE, {"key": key, "n_clusters": level.n_clusters, "n_items": len(level.assignment)})
+        mark_done(tmp, key, {"n_clusters": level.n_clusters, "n_items": len(level.assignment)})
 
 
 def _load_level(level_dir: Path) -> ClusterLevel:

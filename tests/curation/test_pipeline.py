@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dinoscale.config import load_config
-from dinoscale.curation import pipeline
+from dinoscale.curation import pipeline, stages
 from dinoscale.curation.cli import add_curate_parser
 from dinoscale.data.pool import open_pool
 from dinoscale.data.synthetic import SyntheticSpec, make_synthetic_pool
@@ -220,8 +220,8 @@ def test_assignment_blocks_do_not_depend_on_the_slicing():
     x = rng.normal(size=(500, 16)).astype(np.float16)
     candidates = np.sort(rng.choice(500, 437, replace=False))
     centroids = rng.normal(size=(9, 16)).astype(np.float32)
-    whole = pipeline.assign_rows(x, candidates, centroids, range(437), block_rows=32)
-    parts = [pipeline.assign_rows(x, candidates, centroids, pipeline.block_slice(437, 32, i, 5), block_rows=32)
+    whole = stages.assign_rows(x, candidates, centroids, range(437), block_rows=32)
+    parts = [stages.assign_rows(x, candidates, centroids, stages.block_slice(437, 32, i, 5), block_rows=32)
              for i in range(5)]
     for got, expected in zip((np.concatenate([p[k] for p in parts]) for k in (0, 1)), whole):
         assert got.tobytes() == expected.tobytes()
