@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from benchmarks.common import machine, peak_rss_mib
+from dinoscale.utils.machine import current_rss_mib, describe_machine, peak_rss_mib
 
 GIB = 2**30
 BYTES_FP32 = 4
@@ -39,11 +39,6 @@ def model_config(arch: str, extra: list[str] = ()):
 
     return load_config(None, [f"student.arch={arch}", "gram.use_loss=true", "train.batch_size_per_gpu=1",
                               "train.mixed_precision=fp32", *extra])
-
-
-def current_rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
 
 
 # ----------------------------------------------------------------------------- workers (subprocesses)
@@ -176,7 +171,7 @@ def main() -> None:
         "memory_ratio_eager_vs_sharded": eager["peak_rss_mib"] / worst["peak_rss_mib"],
         "dry_build_shard_sizes_match_real_shards": formula_ok,
         "dry_build": dry_build(args.dry_arch, args.dry_ranks),
-        "machine": machine(),
+        "machine": describe_machine(),
     }, indent=2))
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import dataclass
 
@@ -35,7 +34,7 @@ import faiss
 import numpy as np
 import torch
 
-from benchmarks.common import machine, peak_rss_mib
+from dinoscale.utils.machine import describe_machine, peak_rss_mib
 from dinoscale.curation.config import DedupConfig, KMeansConfig, SamplingConfig
 from dinoscale.curation.dedup import deduplicate
 from dinoscale.curation.kmeans import ClusterLevel, ClusterTree, fit_hierarchical_kmeans
@@ -226,8 +225,7 @@ def main() -> None:
 
     report = {
         "benchmark": "curation",
-        "machine": machine(omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), faiss=faiss.__version__,
-                           faiss_gpus=faiss.get_num_gpus()),
+        "machine": describe_machine(faiss_gpus=faiss.get_num_gpus()),
         "dim": DIM,
         "results": rows,
         "dedup_growth_exponent": growth_exponent(sizes, [r["dedup_s"] for r in rows]),

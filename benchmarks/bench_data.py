@@ -31,7 +31,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from benchmarks.common import machine
+from dinoscale.utils.machine import describe_machine
 from dinoscale.config import load_config
 from dinoscale.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from dinoscale.data.stream import make_loader
@@ -147,7 +147,7 @@ def main() -> None:
         results[str(workers)] = row
     print(json.dumps({
         "benchmark": "data_loader",
-        "machine": machine(webdataset=wds.__version__),
+        "machine": describe_machine(webdataset=wds.__version__),
         "setup": {"images": args.images, "image_size": args.image_size, "batch": args.batch,
                   "timed_batches": args.batches, "rounds": args.rounds, "shards": len(shards),
                   "crops": f"2x{args.global_size} + {args.local_crops}x{args.local_size}",

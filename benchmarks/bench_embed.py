@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import machine, peak_rss_mib
+from dinoscale.utils.machine import describe_machine, peak_rss_mib
 from dinoscale.config import load_config
 from dinoscale.curation import embed
 from dinoscale.data.pool import open_pool
@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results: dict = {"machine": machine()}
+    results: dict = {"machine": describe_machine()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         for name, side in (("pool_256", 256), ("pool_36", 36)):

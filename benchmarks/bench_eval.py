@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import machine, peak_rss_mib
+from dinoscale.utils.machine import describe_machine, peak_rss_mib
 from dinoscale.eval.features import ArrayImages, extract_features
 from dinoscale.eval.knn import knn_search
 from dinoscale.eval.linear import train_linear_classifiers
@@ -117,7 +117,7 @@ def main() -> None:
     parts = {"knn": lambda: bench_knn(args.bank, args.queries, args.dim, args.k),
              "features": lambda: bench_features(args.images, args.image_size),
              "linear": lambda: bench_linear(n=20_000, dim=768, n_classes=100, grid=12, epochs=2)}
-    print(json.dumps({"machine": machine(), **{name: parts[name]() for name in args.parts}}, indent=2))
+    print(json.dumps({"machine": describe_machine(), **{name: parts[name]() for name in args.parts}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from typing import Callable
 
@@ -23,7 +22,7 @@ import timm
 import torch
 from torch import nn
 
-from benchmarks.common import machine, peak_rss_mib
+from dinoscale.utils.machine import describe_machine, peak_rss_mib
 from dinoscale.models import VisionTransformer, attention, preset_spec, resolve_backend
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -117,7 +116,7 @@ def main() -> None:
                                                ours.embed_dim // ours.num_heads, args.rounds),
         },
         "peak_rss_mb": round(peak_rss_mib(), 1),
-        "machine": machine(platform=platform.platform(), cpu_capability=torch.backends.cpu.get_cpu_capability()),
+        "machine": describe_machine(),
     }
     print(json.dumps(report, indent=2))
 

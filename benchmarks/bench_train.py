@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import machine, peak_rss_mib
+from dinoscale.utils.machine import describe_machine, peak_rss_mib
 
 GLOBAL_SIZE, LOCAL_SIZE, N_LOCAL = 128, 64, 4
 PROTOTYPES = 4096
@@ -414,7 +414,7 @@ def main() -> None:
     full, last_full, lightly = _medians(runs["full_1"]), runs["full_1"][-1], runs["lightly"][0]
     print(json.dumps({
         "benchmark": "train_step",
-        "machine": machine(threads=threads),
+        "machine": describe_machine(threads=threads),
         "setup": {"backbone": "vit_small/16", "global_crops": f"2x{GLOBAL_SIZE}", "local_crops": f"{N_LOCAL}x{LOCAL_SIZE}",
                   "global_batch": args.batch, "prototypes": PROTOTYPES, "precision": "bf16 autocast",
                   "data_workers": NUM_WORKERS, "steps": args.steps, "timed_steps": args.steps - WARMUP_STEPS,

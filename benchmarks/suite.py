@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
 from dinoscale.utils.io import read_json, write_json, write_text
+from dinoscale.utils.machine import describe_machine
 
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
@@ -193,37 +192,6 @@ BENCHMARKS = {
 
 
 # ----------------------------------------------------------------------------- running
-def describe_machine() -> dict:
-    """What the figures depend on; no host names or paths."""
-    import faiss
-    import torch
-
-    cpuinfo = Path("/proc/cpuinfo")
-    models = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-              if line.startswith("model name")]
-
-    def version(package: str) -> str | None:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "cpu": models[0] if models else platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "faiss": faiss.__version__,
-        **{package: version(package) for package in ("torchvision", "timm", "lightly", "webdataset")},
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-    }
-
-
 def run_benchmark(bench: Benchmark, mode: str, timeout: float) -> dict:
     """One benchmark in a subprocess: its JSON (the last top-level object it printed) or its error line."""
     command = [sys.executable, "-m", bench.module, *bench.arguments(mode)]

@@ -6,7 +6,10 @@ User mistakes (`DinoscaleError`) print one line and exit 2; real bugs raise with
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from omegaconf import OmegaConf
@@ -69,6 +72,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, quick=args.quick, overrides=args.overrides)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`python -m benchmarks ARGS` in the source checkout this package runs from: the benchmarks (and
+    the peers they compare with) are not part of the installed package."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "suite.py").exists():
+        raise DinoscaleError("`dinoscale bench` runs the benchmarks of a source checkout; install dinoscale from "
+                             "one with `pip install -e '.[dev]'` (this installation has no benchmarks/ folder)")
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    return subprocess.call([sys.executable, "-m", "benchmarks", *args.suite_args], env={**os.environ, "PYTHONPATH": path})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinoscale", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,11 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the demo config")
     p.set_defaults(handler=cmd_demo)
 
-    from benchmarks.suite import add_arguments, run
-
-    p = sub.add_parser("bench", help="run every benchmark and write benchmarks/results.json and results.md")
-    add_arguments(p)
-    p.set_defaults(handler=run)
+    # every argument, options too, goes to the suite (no option prefix of its own: "+" is never used)
+    p = sub.add_parser("bench", prefix_chars="+", add_help=False,
+                       help="run the benchmark suite of a source checkout (`dinoscale bench --help`: its options)")
+    p.add_argument("suite_args", nargs="*", help="options of `python -m benchmarks`")
+    p.set_defaults(handler=cmd_bench)
     return parser
 
 

@@ -1,11 +1,14 @@
 """The benchmark suite runner (benchmarks/suite.py) on fake benchmark modules, and the README's table."""
 
+import argparse
 import os
 import socket
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
-from benchmarks.suite import Benchmark, Row, refresh_readme, render_markdown, run_suite
+from benchmarks.suite import Benchmark, Row, add_arguments, refresh_readme, render_markdown, run_suite
 from dinoscale.cli import build_parser
 from dinoscale.utils.io import read_json
 
@@ -60,5 +63,15 @@ def test_refresh_readme_replaces_only_the_block(tmp_path):
 
 def test_dinoscale_bench_command_takes_the_suite_options():
     args = build_parser().parse_args(["bench", "--quick", "--only", "data", "embed"])
-    assert (args.mode, args.only) == ("quick", ["data", "embed"])
+    suite = argparse.ArgumentParser()
+    add_arguments(suite)
+    parsed = suite.parse_args(args.suite_args)  # what `python -m benchmarks` receives
+    assert (parsed.mode, parsed.only) == ("quick", ["data", "embed"])
+
+
+def test_importing_dinoscale_and_its_command_line_does_not_import_benchmarks():
+    code = ("import sys, dinoscale, dinoscale.cli; dinoscale.cli.build_parser(); "
+            "print(sorted(m for m in sys.modules if m == 'benchmarks' or m.startswith('benchmarks.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 

@@ -1,39 +1,33 @@
-"""The curation report: one self-contained HTML page (PNG figures inlined as base64) showing
-cluster-size histograms per level before and after sampling, the largest duplicate groups,
-and example selected images of the largest top-level clusters.
+"""The curation report (report.html, self-contained, with report.json and report.md beside it):
+the counts of every stage, cluster-size histograms per level before and after sampling, the
+largest duplicate groups, and example selected images of the largest top-level clusters.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image, ImageOps
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image, ImageOps  # noqa: E402
-
-from dinoscale.curation.kmeans import ClusterTree  # noqa: E402
-from dinoscale.curation.shards import Selection  # noqa: E402
-from dinoscale.data.pool import ImagePool  # noqa: E402
-from dinoscale.utils.io import write_bytes, write_text  # noqa: E402
+from dinoscale.curation.kmeans import ClusterTree
+from dinoscale.curation.shards import Selection
+from dinoscale.data.pool import ImagePool
+from dinoscale.utils.report import Section, figure_png, image_png, write_report
 
 THUMB = 64
-REPORT = "report.html"
+CLUSTER_SIZES_PNG = "cluster_sizes_per_level_before_and_after_sampling.png"
 
 
 def cluster_size_histograms(tree: ClusterTree, selection: Selection) -> bytes:
     """PNG: per level, how many clusters have each size, before and after sampling (log-spaced bins)."""
     before_paths = tree.point_clusters()
     n_levels = before_paths.shape[1]
-    fig, axes = plt.subplots(1, n_levels, figsize=(4.2 * n_levels, 3.4), squeeze=False)
-    for level, ax in enumerate(axes[0]):
+    fig = Figure(figsize=(4.2 * n_levels, 3.4))
+    for level, ax in enumerate(fig.subplots(1, n_levels, squeeze=False)[0]):
         n_clusters = tree.levels[level].n_clusters
         before = np.bincount(before_paths[:, level], minlength=n_clusters)
         column = selection.cluster_path[:, level]
@@ -48,7 +42,7 @@ def cluster_size_histograms(tree: ClusterTree, selection: Selection) -> bytes:
         ax.set_ylabel("clusters")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _figure_png(fig)
+    return figure_png(fig, dpi=90)
 
 
 def thumbnail_row(pool: ImagePool, indices: Sequence[int], highlight_first: bool = False) -> bytes:
@@ -63,62 +57,41 @@ def thumbnail_row(pool: ImagePool, indices: Sequence[int], highlight_first: bool
             row.paste((40, 170, 60), (pad + j * (THUMB + pad) - 2, pad - 2, pad + j * (THUMB + pad) + THUMB + 2,
                                       pad + THUMB + 2))
         row.paste(thumb, (pad + j * (THUMB + pad), pad))
-    buf = io.BytesIO()
-    row.save(buf, format="PNG")
-    return buf.getvalue()
+    return image_png(row)
 
 
 def write_curation_report(directory: str | Path, pool: ImagePool | None, tree: ClusterTree, selection: Selection,
                           duplicate_groups: Sequence[np.ndarray], n_examples: int, counts: dict[str, Any]) -> Path:
-    """Write `directory/report.html` (and the histogram as a PNG beside it); returns the HTML path."""
-    directory = Path(directory)
-    histogram = cluster_size_histograms(tree, selection)
-    write_bytes(directory / "cluster_sizes.png", histogram)
-    sections = [
-        "<h2>Counts</h2>", f"<pre>{html.escape(json.dumps(counts, indent=2, sort_keys=True))}</pre>",
-        "<h2>Cluster sizes per level, before and after sampling</h2>", _img(histogram),
-    ]
+    """Write the report into `directory`; returns the HTML path."""
+    sections = [Section("Counts", preformatted=json.dumps(counts, indent=2, sort_keys=True)),
+                Section("Cluster sizes per level",
+                        images={"before and after sampling": cluster_size_histograms(tree, selection)})]
     if pool is not None:
-        sections += _duplicate_section(pool, duplicate_groups, n_examples)
-        sections += _cluster_section(pool, tree, selection, n_examples)
-    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>dinoscale curation report</title>"
-            "<style>body{font-family:sans-serif;margin:2em} figure{margin:0.5em 0} figcaption{font-size:0.8em}"
-            "</style></head><body><h1>Curation report</h1>" + "\n".join(sections) + "</body></html>\n")
-    write_text(directory / REPORT, page)
-    return directory / REPORT
+        sections += [_duplicate_section(pool, duplicate_groups, n_examples),
+                     _cluster_section(pool, tree, selection, n_examples)]
+    return write_report(directory, "Curation report", sections, counts)["html"]
 
 
-def _duplicate_section(pool: ImagePool, groups: Sequence[np.ndarray], n_examples: int) -> list[str]:
+def _duplicate_section(pool: ImagePool, groups: Sequence[np.ndarray], n_examples: int) -> Section:
     largest = sorted(range(len(groups)), key=lambda g: (-len(groups[g]), int(groups[g][0])))[:n_examples]
-    parts = [f"<h2>Duplicate groups ({len(groups)} found; the {len(largest)} largest, survivor framed green)</h2>"]
+    images = {}
     for g in largest:
         members = groups[g][:n_examples]
-        caption = ", ".join(html.escape(pool.keys[int(i)]) for i in members)
-        parts.append(f"<figure>{_img(thumbnail_row(pool, members, highlight_first=True))}"
-                     f"<figcaption>group {g}: {caption}</figcaption></figure>")
-    return parts
+        caption = f"group {g}: " + ", ".join(pool.keys[int(i)] for i in members)
+        images[caption] = thumbnail_row(pool, members, highlight_first=True)
+    return Section(f"Duplicate groups ({len(groups)} found; the {len(largest)} largest, survivor framed green)",
+                   images=images)
 
 
-def _cluster_section(pool: ImagePool, tree: ClusterTree, selection: Selection, n_examples: int) -> list[str]:
+def _cluster_section(pool: ImagePool, tree: ClusterTree, selection: Selection, n_examples: int) -> Section:
     top = tree.point_clusters()[:, -1]
     sizes = np.bincount(top, minlength=tree.levels[-1].n_clusters)
     chosen = np.argsort(-sizes, kind="stable")[:n_examples]
     selected_top = selection.cluster_path[:, -1]
-    parts = [f"<h2>Selected images of the {len(chosen)} largest top-level clusters</h2>"]
+    images = {}
     for c in chosen:
         members = selection.indices[selected_top == c]
-        caption = f"cluster {int(c)}: {int(sizes[c])} images in the pool, {len(members)} selected"
-        row = _img(thumbnail_row(pool, members[:n_examples])) if len(members) else ""
-        parts.append(f"<figure>{row}<figcaption>{caption}</figcaption></figure>")
-    return parts
-
-
-def _figure_png(fig: plt.Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})  # no version stamp: reproducible bytes
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _img(png: bytes) -> str:
-    return f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+        if len(members):
+            caption = f"cluster {int(c)}: {int(sizes[c])} images in the pool, {len(members)} selected"
+            images[caption] = thumbnail_row(pool, members[:n_examples])
+    return Section(f"Selected images of the {len(chosen)} largest top-level clusters", images=images)

@@ -20,24 +20,26 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from dinoscale.config import load_config
 from dinoscale.curation.dedup import load_dedup_result
 from dinoscale.curation.pipeline import run_curation, stage_dir
-from dinoscale.curation.report import thumbnail_row
+from dinoscale.curation.report import CLUSTER_SIZES_PNG, thumbnail_row
 from dinoscale.data.pool import open_pool
 from dinoscale.data.synthetic import CLASS_NAMES, SyntheticSpec, make_synthetic_pool
 from dinoscale.eval.evaluate import evaluate_knn, evaluate_linear, open_labelled
 from dinoscale.eval.knn import knn_classify
 from dinoscale.eval.linear import linear_probe
-from dinoscale.eval.report import Section, plot_loss_curves, read_metrics, write_report
+from dinoscale.eval.report import plot_loss_curves, read_metrics
 from dinoscale.eval.visualize import render_pictures
 from dinoscale.models import build_backbone, load_backbone
 from dinoscale.train.export import EXPORT_NAME
 from dinoscale.train.trainer import total_iterations, train
 from dinoscale.utils.io import write_json
 from dinoscale.utils.logging import get_logger
+from dinoscale.utils.report import Section, figure_png, write_report
 from dinoscale.utils.stages import is_done, mark_done, read_marker
 
 log = get_logger(__name__)
@@ -237,22 +239,13 @@ def build_summary(cfg: DictConfig, out: Path, synthetic_dir: Path, curate_cfg: D
 
 
 def _bar_chart(histograms: dict[str, list[int]], names: Sequence[str]) -> bytes:
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3), sharey=False)
-    for ax, (title, counts) in zip(axes, histograms.items()):
+    fig = Figure(figsize=(10, 3))
+    for ax, (title, counts) in zip(fig.subplots(1, 2), histograms.items()):
         ax.bar(range(len(counts)), counts, color="tab:blue" if title == "raw" else "tab:green")
         ax.set_xticks(range(len(counts)), names, rotation=60, fontsize=7)
         ax.set_title(f"{title}: normalised entropy {normalised_entropy(counts):.3f}")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, dpi=90)
 
 
 def write_demo_report(cfg: DictConfig, out: Path, synthetic_dir: Path, curate_cfg: DictConfig, teacher: Path,
@@ -287,7 +280,7 @@ def write_demo_report(cfg: DictConfig, out: Path, synthetic_dir: Path, curate_cf
                 "classes only as far as the embedder's clusters follow them.",
                 images={"class histograms": _bar_chart(summary["class_histogram"], CLASS_NAMES)}),
         Section("Cluster sizes per k-means level", "Before and after balanced sampling.",
-                images={"cluster sizes": (stage_dir(curate_cfg, "report") / "cluster_sizes.png").read_bytes()}),
+                images={"cluster sizes": (stage_dir(curate_cfg, "report") / CLUSTER_SIZES_PNG).read_bytes()}),
         Section("Training", f"{len(metrics)} iterations on the curated shards; Gram anchoring in the last "
                 f"{cfg.demo.gram_fraction:.0%}.", images={"loss curves": plot_loss_curves(metrics)}),
         Section("Evaluation", "Held-out labelled split; the same architecture at random init and raw pixels "

@@ -17,10 +17,11 @@ from dinoscale.data.pool import open_pool
 from dinoscale.errors import DataError
 from dinoscale.eval.cli import METRICS_FILE
 from dinoscale.eval.evaluate import evaluate_knn, evaluate_linear, knn_over_checkpoints, open_labelled
-from dinoscale.eval.report import Section, knn_history, plot_knn_curve, plot_loss_curves, read_metrics, write_report
+from dinoscale.eval.report import knn_history, plot_knn_curve, plot_loss_curves, read_metrics
 from dinoscale.eval.visualize import render_pictures
 from dinoscale.distributed import rank
 from dinoscale.models.loading import load_backbone
+from dinoscale.utils.report import Section, write_report
 
 
 def _config(args: argparse.Namespace) -> DictConfig:

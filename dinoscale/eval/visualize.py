@@ -9,7 +9,6 @@ q and k recomputed from that block's own qkv projection on its captured input.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +23,7 @@ from dinoscale.eval.features import LabelledImages, check_image_size, eval_crop,
 from dinoscale.models.attention import apply_rope_to_patches
 from dinoscale.utils.device import default_device, inference_autocast
 from dinoscale.utils.io import write_bytes
+from dinoscale.utils.report import image_png
 
 PAD = 2
 HEADER = 12
@@ -137,12 +137,6 @@ def montage(rows: Sequence[Sequence[Image.Image]], titles: Sequence[str], tile: 
     return canvas
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _pick_images(images: LabelledImages, n: int) -> list[Image.Image]:
     """Up to `n` readable images spread evenly over the pool (so several classes show)."""
     picked = []
@@ -183,8 +177,8 @@ def render_pictures(model: nn.Module, images: LabelledImages, image_size: int = 
     attention_rows = [[crop, _heatmap(attention[i].mean(0), tile)] + [_heatmap(head, tile) for head in attention[i]]
                       for i, crop in enumerate(crops)]
     head_titles = [f"h{h}" for h in range(attention.shape[1])]
-    return {"pca": _png(montage(pca_rows, ["image", "pca", "fg", "pca fg"], tile)),
-            "attention": _png(montage(attention_rows, ["image", "mean", *head_titles], tile))}
+    return {"pca": image_png(montage(pca_rows, ["image", "pca", "fg", "pca fg"], tile)),
+            "attention": image_png(montage(attention_rows, ["image", "mean", *head_titles], tile))}
 
 
 def write_pictures(model: nn.Module, images: LabelledImages, out_dir: str | Path, **kwargs) -> dict[str, Path]:

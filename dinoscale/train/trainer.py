@@ -29,13 +29,14 @@ from dinoscale.eval.online import OnlineEvaluation
 from dinoscale.train.build import build_model
 from dinoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dinoscale.train.export import EXPORT_NAME, export_teacher, teacher_backbone
-from dinoscale.train.metrics import MetricsLogger, measure_matmul_peak, peak_memory_mb, step_flops
+from dinoscale.train.metrics import MetricsLogger, measure_matmul_peak, step_flops
 from dinoscale.train.optim import apply_schedules, clip_gradients
 from dinoscale.train.schedules import Schedules, build_schedules
 from dinoscale.train.ssl import SSLMetaArch
 from dinoscale.utils.device import autocast_dtype
 from dinoscale.utils.io import write_text
 from dinoscale.utils.logging import get_logger
+from dinoscale.utils.machine import peak_memory_mb
 from dinoscale.utils.preemption import PreemptionGuard
 
 log = get_logger(__name__)

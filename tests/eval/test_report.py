@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from dinoscale.errors import DataError
-from dinoscale.eval.report import (Section, knn_history, loss_keys, plot_knn_curve, plot_loss_curves, read_metrics,
-                                   write_report)
+from dinoscale.eval.report import knn_history, loss_keys, plot_knn_curve, plot_loss_curves, read_metrics
+from dinoscale.utils.report import Section, write_report
 
 
 def write_metrics(path, n: int = 20, cut_last_line: bool = False) -> list[dict]:
