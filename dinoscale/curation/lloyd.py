@@ -8,13 +8,13 @@ others go through faiss. In a few dimensions most points settle after a few iter
 five-ring toy: a fifth of the searches of plain Lloyd); in more dimensions the bounds seldom
 hold, and once they leave more than 90% of the points to search, the fit goes on with plain
 nearest-centroid searches. Above BOUNDS_MAX_DIM dimensions (embeddings) it starts with those:
-the two-nearest searches that set the bounds up cost about 1.8 times a nearest search there.
+there the two-nearest searches that set the bounds up cost more than the searches they save.
 
 Those plain searches may run in bf16 (`search_precision="bfloat16"`, where the CPU has native
-bf16 and faiss has no GPU): one bf16 GEMM and a max per chunk, about 2 times faster than faiss's
-float32 search on 2 cores. Rounding the dot products to bf16 sends points that are almost equally
-close to two centroids (0.3% of them in 256-d against 300 centroids) to either one, which moves
-the means by a fraction of those points' share; the callers' final assignments stay float32.
+bf16 and faiss has no GPU): one bf16 GEMM and a max per chunk instead of faiss's float32 search
+(the README's curation benchmark gives the speed-up). Rounding the dot products to bf16 sends
+points that are almost equally close to two centroids to either one, which moves the means by a
+fraction of those points' share; the callers' final assignments stay float32.
 
 Centroid means are accumulated in float64. A cluster that empties keeps its centroid (as in Vo
 et al.'s implementation; faiss would split a big cluster instead). Iterations stop early at a
@@ -33,7 +33,7 @@ from dinoscale.utils.device import autocast_dtype
 
 BOUNDED_SEARCH_LIMIT = 0.9
 BOUNDS_MAX_DIM = 64
-MEANS_CHUNK_ROWS = 2048  # the float64 copy of a chunk stays in cache: 3x faster sums than 65536 rows
+MEANS_CHUNK_ROWS = 2048  # the float64 copy of a chunk stays in cache (larger chunks sum slower)
 BF16_SEARCH_CHUNK_ROWS = 4096  # a chunk's (rows, centroids) scores stay in cache
 
 

@@ -29,7 +29,7 @@ BF16_UNIT_ROUNDOFF = 2.0 ** -8
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 SCREEN_MIN_DIM = 32  # below it the float32 GEMM costs less than the screening around it
 # Below this many points a step is some 40 small tensor operations, where waking a second CPU
-# thread for each costs more than it saves (2x slower seeding with OMP_WAIT_POLICY=passive).
+# thread for each costs more than it saves (with OMP_WAIT_POLICY=passive).
 SINGLE_THREAD_MAX_ROWS = 32768
 ALL_ROWS = slice(None)
 
@@ -121,4 +121,4 @@ class _ScreenedDistances(_ExactDistances):
         lhs = torch.addr(dots, self.norms[candidates], self.norms, beta=2, alpha=self.dot_error)
         lhs.sub_(self.keep_fraction * self.sq_norms[candidates, None])
         rhs = self.keep_fraction * self.sq_norms - closest
-        return torch.nonzero(lhs.amax(dim=0) > rhs).squeeze(1)  # amax: 15x faster than (lhs > rhs).any(0)
+        return torch.nonzero(lhs.amax(dim=0) > rhs).squeeze(1)  # amax: no (n, k) bool matrix, unlike .any(0)

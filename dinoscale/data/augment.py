@@ -3,7 +3,7 @@
 Every random choice is drawn from the generator passed with the image, so a sample's crops
 depend only on (image, generator seed): give each sample its own `seeded_generator(seed, step,
 index)` and a resumed run sees the same crops. Geometric and photometric operations run on PIL
-images (fast C code; tensor-side hue conversion is about 20x slower), normalisation last.
+images (PIL's C code; torchvision's tensor-side hue conversion is much slower), normalisation last.
 """
 
 from __future__ import annotations

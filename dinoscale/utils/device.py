@@ -1,5 +1,5 @@
 """Devices and precision: CUDA when present, else CPU; bf16 autocast where the hardware has it,
-never fp16 on CPU (about 0.3 GFLOP/s there)."""
+never fp16 on CPU (CPUs have no fast fp16 matmul)."""
 
 from __future__ import annotations
 
