@@ -1,4 +1,25 @@
 import pytest
+import torch
+
+from dinoscale.models import build_backbone
+from tiny_run import TINY_STUDENT
+
+
+# ----------------------------------------------------------------------------- tiny models
+@pytest.fixture(scope="session")
+def tiny_student() -> dict:
+    """The `student` fields of the tests' tiny ViT (2 blocks, 32 wide, 4-px patches, 16 px)."""
+    return dict(TINY_STUDENT)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    """tiny_backbone(seed=0, **fields): the tiny ViT (with `fields` changed), initialised from `seed`."""
+    def build(seed: int = 0, **fields) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return build_backbone({**TINY_STUDENT, **fields})
+    return build
+
 
 # ----------------------------------------------------------------------------- SLURM cluster
 # A real slurmctld/slurmd/slurmdbd on localhost for the tests marked `slurm` (tests/slurm_cluster.py).

@@ -1,5 +1,6 @@
-"""The tiny training run the trainer and SLURM tests share: a 2-block ViT on 16-px crops with the
-full objective (DINO, iBOT, KoLeo, Gram), and a 60-image synthetic pool to train it on."""
+"""The tiny ViT the tests share (`TINY_STUDENT`; the `tiny_backbone` fixture builds it), and the tiny
+training run the trainer and SLURM tests share: that ViT on 16-px crops with the full objective
+(DINO, iBOT, KoLeo, Gram), and a 60-image synthetic pool to train it on."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import yaml
 
 from dinoscale.data.synthetic import SyntheticSpec, make_synthetic_pool
 
+# the smallest ViT the tests build: 2 blocks, 32 wide, 2 heads, 4-px patches, 16-px images
+TINY_STUDENT = {"arch": "vit_small", "embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 4, "img_size": 16}
 # LayerScale 1 and no drop path: at init the CLS features then differ between images, which keeps
 # KoLeo well conditioned; Gram at image level is the same for any split of the batch.
 TINY = {
-    "student": {"arch": "vit_small", "embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 4, "img_size": 16,
-                "drop_path_rate": 0.0, "layerscale": 1.0},
+    "student": {**TINY_STUDENT, "drop_path_rate": 0.0, "layerscale": 1.0},
     "dino": {"head_n_prototypes": 64, "head_hidden_dim": 64, "head_bottleneck_dim": 32, "koleo_loss_distributed": True},
     "ibot": {"head_n_prototypes": 64, "head_hidden_dim": 64, "head_bottleneck_dim": 32},
     "gram": {"use_loss": True, "it_first_update": 3, "update_frequency": 2, "img_level": True},

@@ -13,10 +13,7 @@ from dinoscale.curation.copy_descriptor import CopyDescriptorEmbedder
 from dinoscale.data.pool import open_pool
 from dinoscale.errors import ConfigError, DataError
 from dinoscale.eval.features import eval_transform
-from dinoscale.models import build_backbone, save_backbone
-
-TINY = dict(arch="vit_small", embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=32)
-
+from dinoscale.models import save_backbone
 
 @pytest.fixture(scope="module")
 def pool_dir(tmp_path_factory):
@@ -32,9 +29,8 @@ def pool_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_backbone(TINY)
+def weights(tmp_path_factory, tiny_backbone):
+    model = tiny_backbone(patch_size=8, img_size=32)
     path = tmp_path_factory.mktemp("weights") / "tiny.pth"
     save_backbone(model, path)
     return path, model.eval()

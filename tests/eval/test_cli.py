@@ -6,7 +6,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dinoscale.data.pool import open_pool
@@ -15,10 +14,8 @@ from dinoscale.eval.evaluate import checkpoint_iteration, evaluate_knn
 from dinoscale.eval.online import online_knn
 from dinoscale.config import load_config
 from dinoscale.models.loading import save_backbone
-from dinoscale.models.presets import build_backbone
 
 COLOURS = {"blue": (30, 30, 200), "green": (30, 200, 30), "red": (200, 30, 30)}
-TINY = {"arch": "vit_small", "embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 4, "img_size": 16}
 FAST = ["eval.image_size=16", "eval.batch_size=8", "eval.num_workers=0", "eval.precision=fp32"]
 
 
@@ -31,14 +28,13 @@ def write_split(root, n_per_class: int, rng, classes=COLOURS) -> None:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, tiny_backbone):
     root = tmp_path_factory.mktemp("eval_cli")
     rng = np.random.default_rng(0)
     write_split(root / "train", 8, rng)
     write_split(root / "val", 4, rng)
     write_split(root / "val_subset", 3, rng, classes=["blue", "red"])
-    torch.manual_seed(0)
-    save_backbone(build_backbone(TINY), root / "backbone.pth")
+    save_backbone(tiny_backbone(), root / "backbone.pth")
     return root
 
 
@@ -125,18 +121,16 @@ def test_user_mistakes_exit_2_with_one_line(workspace, tmp_path, capsys, mistake
     assert message in err and len(err.splitlines()) == 1
 
 
-def test_val_with_a_subset_of_classes_is_scored_against_train_class_names(workspace):
+def test_val_with_a_subset_of_classes_is_scored_against_train_class_names(workspace, tiny_backbone):
     cfg = load_config(overrides=[*FAST, "eval.knn_features=patch_mean", "eval.knn_k=[5]"]).eval
-    torch.manual_seed(0)
-    model = build_backbone(TINY)
+    model = tiny_backbone()
     result = evaluate_knn(model, open_pool(workspace / "train"), open_pool(workspace / "val_subset"), cfg)
     assert result.top1[5] == 100.0  # without remapping, val "red" (index 1) would be compared to train "green"
 
 
-def test_online_knn_gives_loggable_metrics_and_keeps_the_mode(workspace):
+def test_online_knn_gives_loggable_metrics_and_keeps_the_mode(workspace, tiny_backbone):
     cfg = load_config(overrides=[*FAST, "eval.knn_k=[5,10]"]).eval
-    torch.manual_seed(0)
-    model = build_backbone(TINY).train()
+    model = tiny_backbone().train()
     metrics = online_knn(model, open_pool(workspace / "train"), open_pool(workspace / "val"), cfg)
     assert set(metrics) == {"knn_top1_k5", "knn_top1_k10", "knn_top5_k5", "knn_top5_k10"}
     assert all(0.0 <= v <= 100.0 for v in metrics.values())

@@ -14,16 +14,7 @@ from PIL import Image
 from dinoscale.data.pool import open_pool
 from dinoscale.errors import ConfigError
 from dinoscale.eval.features import ArrayImages, extract_features
-from dinoscale.models.presets import build_backbone
 from dinoscale.utils.device import autocast_dtype
-
-TINY = {"arch": "vit_small", "embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 4, "img_size": 16}
-
-
-def tiny_backbone(seed: int = 0, **fields) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build_backbone({**TINY, **fields})
-
 
 def reference_input(image: np.ndarray, crop: int) -> torch.Tensor:
     """The DINO eval transform of a square uint8 image, written out: bicubic resize to crop * 256/224,
@@ -36,7 +27,7 @@ def reference_input(image: np.ndarray, crop: int) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.float32)).permute(2, 0, 1)
 
 
-def test_features_equal_a_direct_forward_in_pool_order():
+def test_features_equal_a_direct_forward_in_pool_order(tiny_backbone):
     images = np.random.default_rng(0).integers(0, 256, (7, 24, 24, 3), dtype=np.uint8)
     labels = [2, 0, 1, 1, 0, 2, 2]
     model = tiny_backbone()
@@ -53,7 +44,7 @@ def test_features_equal_a_direct_forward_in_pool_order():
         features.select("avgpool")
 
 
-def test_bf16_features_stay_close_to_fp32():
+def test_bf16_features_stay_close_to_fp32(tiny_backbone):
     images = ArrayImages(np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
     model = tiny_backbone()
     fp32 = extract_features(model, images, image_size=16, precision="fp32", device=torch.device("cpu"))
@@ -85,7 +76,7 @@ def write_folder(root: Path, n_per_class: int = 3, corrupt: bool = True) -> None
         (root / "ant" / "1b_broken.png").write_bytes(b"not a png")
 
 
-def test_unreadable_images_are_left_out_and_labels_stay_aligned(tmp_path):
+def test_unreadable_images_are_left_out_and_labels_stay_aligned(tmp_path, tiny_backbone):
     write_folder(tmp_path)
     pool = open_pool(tmp_path)
     features = extract_features(tiny_backbone(), pool, image_size=16, batch_size=2, precision="fp32",
@@ -96,7 +87,7 @@ def test_unreadable_images_are_left_out_and_labels_stay_aligned(tmp_path):
     assert features.class_names == ["ant", "bee"]
 
 
-def test_image_size_must_be_a_multiple_of_the_patch_size():
+def test_image_size_must_be_a_multiple_of_the_patch_size(tiny_backbone):
     images = ArrayImages(np.zeros((2, 16, 16, 3), dtype=np.uint8))
     with pytest.raises(ConfigError, match="multiple of the backbone's patch size"):
         extract_features(tiny_backbone(), images, image_size=18, device=torch.device("cpu"))
@@ -107,7 +98,6 @@ import sys, torch, torch.distributed as dist
 from dinoscale.data.pool import open_pool
 import dinoscale.eval.features as features_module
 from dinoscale.eval.features import extract_features
-from dinoscale.models.presets import build_backbone
 features_module.GATHER_BLOCK_ROWS = 2  # several gather rounds, the last one partly padding
 dist.init_process_group("gloo")
 torch.manual_seed(0)
@@ -122,11 +112,11 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_ranks_gather_the_same_features_as_one_process(tmp_path):
+def test_two_ranks_gather_the_same_features_as_one_process(tmp_path, tiny_student, tiny_backbone):
     images = tmp_path / "images"
     write_folder(images, n_per_class=4)  # 9 items, one unreadable: the ranks hold 3 and 5 readable rows
     script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent(WORKER.format(tiny=TINY)))
+    script.write_text(textwrap.dedent(WORKER.format(tiny=tiny_student)))
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(images),

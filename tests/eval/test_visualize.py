@@ -11,15 +11,6 @@ from PIL import Image
 from dinoscale.eval.features import ArrayImages
 from dinoscale.eval.visualize import (HEADER, PAD, foreground_mask, forward_with_cls_attention, pca_rgb,
                                       render_pictures, write_pictures)
-from dinoscale.models.presets import build_backbone
-
-TINY = {"arch": "vit_small", "embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 4, "img_size": 16}
-
-
-def tiny_backbone(**fields) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_backbone({**TINY, **fields}).eval()
-
 
 def hand_cls_attention(model, images: torch.Tensor) -> torch.Tensor:
     """softmax(q_cls . k / sqrt(d)) of the last block, from the tokens entering it and its raw weights."""
@@ -51,8 +42,8 @@ def hand_cls_attention(model, images: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("fields", [{}, {"pos_embed_type": "rope", "n_storage_tokens": 2}],
                          ids=["dinov2_learned", "dinov3_rope_storage"])
-def test_cls_attention_matches_hand_computation(fields):
-    model = tiny_backbone(**fields)
+def test_cls_attention_matches_hand_computation(fields, tiny_backbone):
+    model = tiny_backbone(**fields).eval()
     images = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         features, attention = forward_with_cls_attention(model, images)
@@ -121,8 +112,8 @@ def _tiles(image: np.ndarray, n_rows: int, n_cols: int, tile: int):
             yield r, c, image[top:top + tile, left:left + tile]
 
 
-def test_montages_have_the_right_size_and_are_not_constant(tmp_path):
-    model = tiny_backbone()
+def test_montages_have_the_right_size_and_are_not_constant(tmp_path, tiny_backbone):
+    model = tiny_backbone().eval()
     pictures = render_pictures(model, picture_images(3), image_size=16, n_images=3, precision="fp32",
                                device=torch.device("cpu"))
     tile = 64  # a 16 px crop is shown on a 64 px tile

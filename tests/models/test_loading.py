@@ -13,6 +13,8 @@ from dinoscale.errors import CheckpointError
 from dinoscale.models import PUBLISHED, detect_spec, load_backbone, preset_spec, save_backbone
 from dinoscale.models.loading import EXPORT_FORMAT
 
+from tiny_run import TINY_STUDENT
+
 
 def official_layout(generation: str, dim: int, depth: int, heads: int, *, patch: int, img: int = 224,
                     n_storage: int = 0, ffn: str = "mlp", ffn_hidden: int = 0, qkv_bias: bool = True,
@@ -65,10 +67,8 @@ def random_weights(shapes: dict[str, tuple], seed: int = 0) -> dict[str, torch.T
     return weights
 
 
-TINY_V2 = dict(arch="vit_small", embed_dim=32, depth=2, num_heads=2, patch_size=4, img_size=16,
-               n_storage_tokens=4, ffn_layer="swiglu", interpolate_offset=0.0, interpolate_antialias=True)
-TINY_V3 = dict(arch="vit_small", embed_dim=32, depth=2, num_heads=2, patch_size=4, img_size=16,
-               pos_embed_type="rope", n_storage_tokens=4, mask_k_bias=True, norm_layer="layernormbf16",
+TINY_V2 = dict(TINY_STUDENT, n_storage_tokens=4, ffn_layer="swiglu", interpolate_offset=0.0, interpolate_antialias=True)
+TINY_V3 = dict(TINY_STUDENT, pos_embed_type="rope", n_storage_tokens=4, mask_k_bias=True, norm_layer="layernormbf16",
                untie_global_and_local_cls_norm=True)
 TINY_LAYOUTS = {
     "dinov2": (TINY_V2, official_layout("dinov2", 32, 2, 2, patch=4, img=16, n_storage=4, ffn="swiglu",

@@ -13,8 +13,9 @@ from dinoscale.models.attention import apply_rope_to_patches, check_backend, xfo
 from dinoscale.models.block import _add_residual_on_subset
 from dinoscale.models.rope import rope_sincos
 
-TINY = ["student.arch=vit_small", "student.embed_dim=32", "student.depth=2", "student.num_heads=2",
-        "student.patch_size=4", "student.img_size=16"]
+from tiny_run import TINY_STUDENT
+
+TINY = [f"student.{name}={value}" for name, value in TINY_STUDENT.items()]
 ROPE = ["student.pos_embed_type=rope", "student.n_storage_tokens=4", "student.mask_k_bias=true"]
 
 
