@@ -163,6 +163,20 @@ def summarise_curation(out: dict) -> list[Row]:
     ]
 
 
+def summarise_build(out: dict) -> list[Row]:
+    arch, n = out["arch"], out["sharded"]["world_size"]
+    sharded, eager = out["sharded_peak_rss_per_rank_mib"], out["eager_peak_rss_mib"]
+    rows = [Row(f"build {arch} student+teacher+Gram teacher ({out['params'] / 1e9:.2f} B params), peak host memory "
+                f"per rank, {n} ranks sharded, MiB", sharded, "whole model on every rank", eager, eager / sharded)]
+    dry = out["dry_build"]
+    for ranks, r in dry["per_rank"].items():
+        rows.append(Row(f"dry build {dry['arch']}: weights, grads, AdamW, teachers per rank on {ranks} GPUs, GiB",
+                        r["per_rank_gib"], "whole model on every rank (weights only)",
+                        dry["unsharded_weights_per_rank_before_gib"],
+                        dry["unsharded_weights_per_rank_before_gib"] / r["per_rank_gib"]))
+    return rows
+
+
 def _exponents(out: dict, name: str) -> str:
     wall, cpu = out[f"{name}_growth_exponent"], out[f"{name}_cpu_growth_exponent"]
     return "needs two sizes" if wall is None else f"{wall:.2f} (CPU time {cpu:.2f})"
@@ -188,6 +202,9 @@ BENCHMARKS = {
         "quick": ["--max-n", "10000", "--baseline-max-n", "10000"],
         "default": ["--max-n", "100000", "--baseline-max-n", "100000"],
         "full": ["--max-n", "1000000", "--baseline-max-n", "100000"]}, summarise_curation),
+    "build": Benchmark("benchmarks.bench_build", {
+        "quick": ["--arch", "vit_small", "--dry-arch", "vit_large"],
+        "default": ["--arch", "vit_giant2", "--dry-arch", "vit_7b"]}, summarise_build),
 }
 
 
