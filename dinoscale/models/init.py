@@ -18,6 +18,7 @@ does not depend on the number of ranks.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -55,8 +56,8 @@ def materialize(source: nn.Module, steps: Iterable[InitStep], targets: Sequence[
 
     Each step's tensors are views of one scratch buffer, reused by every step (freeing and
     allocating full-size tensors step after step fragments the heap, which then holds several
-    hundred MB more than the largest module). A tensor still all NaN after its step was not written
-    by it. Raises if a target tensor is left unwritten, so no uninitialised memory survives."""
+    hundred MB more than the largest module). A tensor that still starts with NaN after its step was
+    not written by it. Raises if a target tensor is left unwritten, so no uninitialised memory survives."""
     steps = list(steps)
     names = {id(module): name for name, module in source.named_modules()}
     scratch = torch.empty(max(_scratch_bytes(owner) for owner, _ in steps), dtype=torch.uint8)
@@ -66,8 +67,8 @@ def materialize(source: nn.Module, steps: Iterable[InitStep], targets: Sequence[
         _place_in(owner, scratch)
         init()
         for name, full in own_tensors(owner).items():
-            if full.numel() and full.isnan().all():
-                continue  # not written by this step: keep what an earlier step wrote
+            if full.numel() and math.isnan(full.view(-1)[0]):
+                continue  # not written by this step (steps write whole tensors): keep an earlier step's values
             qualified = f"{prefix}.{name}" if prefix else name
             for target in targets:
                 _copy_into(target, qualified, full)
