@@ -3,8 +3,17 @@
 Sharded: the trainer's build (`dinoscale.train.build`): meta device, FSDP2, each rank materialising
 only its shards; `--nproc` ranks under torchrun (gloo), each reporting its peak resident memory.
 Baseline: the whole model built eagerly in one process and then sharded over a world of one —
-what every rank held before the sharded build, whatever the number of ranks. Both are measured in
-subprocesses, one after the other (never at the same time: the baseline of ViT-g needs ~14 GB).
+what every rank held before the sharded build, whatever the number of ranks (one process: two whole
+copies of ViT-g, ~15 GB each, would not fit in the RAM of a laptop-sized machine). All runs are
+subprocesses, one after the other.
+
+Above its shards, a rank's peak holds the process itself (torch, gloo) and freed memory that glibc's
+heap keeps resident: torch's `trunc_normal_` allocates three byte masks the size of the tensor for
+its rejection test, and once glibc has raised its mmap threshold (up to 32 MiB) those temporaries
+come from the heap, whose holes are not returned. The sharded build is therefore also run with
+`MALLOC_MMAP_THRESHOLD_=131072` (a fixed threshold: every block above 128 KiB is mapped and unmapped
+on its own), which leaves only a fixed overhead above the shards. On a GPU the shards live in device
+memory and the host holds only one module's full tensors.
 
 A dry build of a larger model on the meta device (no memory) reports what each rank would hold on
 larger worlds: fp32 parameters, gradients and AdamW's two moments of the student, fp32 teacher and
@@ -32,6 +41,7 @@ GIB = 2**30
 BYTES_FP32 = 4
 # per student parameter: fp32 weight, fp32 gradient, AdamW exp_avg and exp_avg_sq
 STUDENT_BYTES_PER_PARAM = 4 * BYTES_FP32
+FIXED_MMAP_THRESHOLD = 128 * 1024  # bytes: glibc's default, kept fixed
 
 
 def model_config(arch: str, extra: list[str] = ()):
@@ -155,10 +165,13 @@ def main() -> None:
         return
 
     module = [sys.executable, "-m", "benchmarks.bench_build", "--arch", args.arch]
-    sharded = run_worker([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          f"--nproc_per_node={args.nproc}", *module[1:], "--worker", "sharded"])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+                *module[1:], "--worker", "sharded"]
+    sharded = run_worker(torchrun)
+    sharded_fixed_threshold = run_worker(torchrun, env={"MALLOC_MMAP_THRESHOLD_": str(FIXED_MMAP_THRESHOLD)})
     eager = run_worker([*module, "--worker", "eager"], env={"OMP_NUM_THREADS": "1"})  # as torchrun sets per rank
-    worst = max(sharded["ranks"], key=lambda r: r["peak_rss_mib"])
+    worst, worst_fixed = (max(run["ranks"], key=lambda r: r["peak_rss_mib"])
+                          for run in (sharded, sharded_fixed_threshold))
     formula_ok = all(r["local_elements"] == expected_local_elements(args.arch, args.nproc, r["rank"])
                      for r in sharded["ranks"])
     print(json.dumps({
@@ -166,9 +179,16 @@ def main() -> None:
         "params": eager["params"],
         "eager_full_copy_per_rank": eager,
         "sharded": sharded,
+        "sharded_fixed_mmap_threshold": sharded_fixed_threshold,
         "sharded_peak_rss_per_rank_mib": worst["peak_rss_mib"],
+        "sharded_fixed_mmap_threshold_peak_rss_per_rank_mib": worst_fixed["peak_rss_mib"],
         "eager_peak_rss_mib": eager["peak_rss_mib"],
         "memory_ratio_eager_vs_sharded": eager["peak_rss_mib"] / worst["peak_rss_mib"],
+        "shards_per_rank_mib": [r["local_elements"] * BYTES_FP32 / 2**20 for r in sharded["ranks"]],
+        # what the build adds above the shards and the process before it, per rank
+        "build_overhead_mib": {run: [r["peak_rss_mib"] - r["rss_before_build_mib"]
+                                     - r["local_elements"] * BYTES_FP32 / 2**20 for r in out["ranks"]]
+                               for run, out in (("default", sharded), ("fixed_mmap_threshold", sharded_fixed_threshold))},
         "dry_build_shard_sizes_match_real_shards": formula_ok,
         "dry_build": dry_build(args.dry_arch, args.dry_ranks),
         "machine": describe_machine(),

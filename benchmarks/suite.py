@@ -168,8 +168,12 @@ def summarise_build(out: dict) -> list[Row]:
     sharded, eager = out["sharded_peak_rss_per_rank_mib"], out["eager_peak_rss_mib"]
     rows = [Row(f"build {arch} student+teacher+Gram teacher ({out['params'] / 1e9:.2f} B params), peak host memory "
                 f"per rank, {n} ranks sharded, MiB", sharded, "whole model on every rank", eager, eager / sharded)]
+    if "sharded_fixed_mmap_threshold_peak_rss_per_rank_mib" in out:
+        fixed = out["sharded_fixed_mmap_threshold_peak_rss_per_rank_mib"]
+        rows.append(Row("the same, glibc heap with a fixed mmap threshold (MALLOC_MMAP_THRESHOLD_=131072), MiB",
+                        fixed, "whole model on every rank", eager, eager / fixed))
     dry = out["dry_build"]
-    for ranks, r in dry["per_rank"].items():
+    for ranks, r in sorted(dry["per_rank"].items(), key=lambda item: int(item[0])):  # JSON sorts "256" first
         rows.append(Row(f"dry build {dry['arch']}: weights, grads, AdamW, teachers per rank on {ranks} GPUs, GiB",
                         r["per_rank_gib"], "whole model on every rank (weights only)",
                         dry["unsharded_weights_per_rank_before_gib"],
