@@ -35,6 +35,7 @@ from dinoscale.train.metrics import (MetricsLogger, backbone_forward_flops, head
                                      peak_memory_mb)
 from dinoscale.train.optim import apply_schedules, build_optimizer, clip_gradients
 from dinoscale.train.parallel import parallelize
+from dinoscale.train.schedules import schedule_iterations, schedule_warnings
 from dinoscale.train.ssl import SSLMetaArch
 from dinoscale.utils.device import autocast_dtype
 from dinoscale.utils.io import write_text
@@ -83,7 +84,7 @@ def build_stream(cfg: DictConfig, dist_info: DistInfo, start_step: int) -> Batch
 
 
 def total_iterations(cfg: DictConfig) -> int:
-    full = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
+    full = schedule_iterations(cfg)
     return min(full, cfg.train.max_iterations) if cfg.train.max_iterations else full
 
 
@@ -216,6 +217,9 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
         log.info("resumed from %s at iteration %d", checkpoint, start)
 
     n_iterations = total_iterations(cfg)
+    if dist_info.is_main:
+        for problem in schedule_warnings(model.schedules, n_iterations):
+            log.warning(problem)
     metrics_log = MetricsLogger(run_dir, enabled=dist_info.is_main)
     peak_flops = cfg.train.peak_flops or measure_matmul_peak(dist_info.device, compute_dtype or torch.float32)
     batches = iter(make_loader(build_stream(cfg, dist_info, start), cfg.train.num_workers))
