@@ -1,9 +1,11 @@
 """A run length in iterations (`train.iterations`): every schedule scaled to it, and warnings when a
 warm-up, the last-layer freeze or the run's end does not fit the run. Expected values come from the
-DINOv2 formulas (linear warm-up, half-cosine decay reaching its floor at the last iteration)."""
+DINOv2 formulas (linear warm-up, half-cosine decay reaching its floor at the last iteration).
+Also the speed figures every metrics row of such a run carries (wall-clock time, windowed speed)."""
 
 import logging
 import math
+import time
 
 import pytest
 
@@ -74,10 +76,21 @@ def _tiny_config(root, run_dir, *overrides):
                                                  f"train.output_dir={run_dir}", *overrides])
 
 
-def test_the_trainer_runs_the_scaled_schedule_to_its_floor(tiny, tmp_path):
-    # the trainer itself, every step logged: 12 iterations of 4 epochs (3 iterations each)
-    train(_tiny_config(tiny, tmp_path / "run", *_recipe(12, epochs=4, warmup=1, freeze=0.5, teacher_warmup=2)))
-    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+WINDOW = 5
+
+
+@pytest.fixture(scope="module")
+def scaled_run(tiny, tmp_path_factory):
+    """12 iterations of 4 epochs (3 iterations each); the log (and speed) window is 5 iterations."""
+    run_dir = tmp_path_factory.mktemp("scaled") / "run"
+    started = time.time()
+    train(_tiny_config(tiny, run_dir, *_recipe(12, epochs=4, warmup=1, freeze=0.5, teacher_warmup=2),
+                       f"train.log_period_iterations={WINDOW}"))
+    return read_metrics(run_dir / "metrics.jsonl"), started, time.time()
+
+
+def test_the_trainer_runs_the_scaled_schedule_to_its_floor(scaled_run):
+    rows, _, _ = scaled_run
     assert [row["iteration"] for row in rows] == list(range(12))
     for row in rows:  # warm-up 3, freeze round(1.5) = 2, teacher warm-up 6 iterations
         expected = _expected(row["iteration"], 12, warmup=3, freeze=2, teacher_warmup=6)
@@ -116,3 +129,18 @@ def test_a_run_stopped_before_its_schedule_ends_logs_a_warning(tiny, tmp_path, c
                         f"rate is still {lr_at_stop:.3g} at the last step, not its floor optim.min_lr = 1e-06; set "
                         "train.iterations=3 to fit the schedule to the run"]
     assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 3
+
+
+def test_metrics_rows_carry_wall_clock_time_and_speed_over_the_log_window(scaled_run, tiny):
+    rows, started, finished = scaled_run
+    stamps = [row["timestamp"] for row in rows]
+    assert started <= stamps[0] and stamps == sorted(stamps) and stamps[-1] <= finished
+    batch = load_config(str(tiny / "tiny.yaml")).train.batch_size_per_gpu
+    for i, row in enumerate(rows):
+        window = rows[max(0, i - WINDOW + 1):i + 1]  # this step and the ones before it, at most WINDOW
+        seconds = sum(r["seconds"] for r in window)
+        assert row["window_iterations"] == len(window)
+        assert row["images_per_s_window"] == pytest.approx(batch * len(window) / seconds)
+        assert row["data_wait_share_window"] == pytest.approx(sum(r["data_seconds"] for r in window) / seconds)
+        assert row["mfu_window"] == pytest.approx(sum(r["mfu"] * r["seconds"] for r in window) / seconds)
+        assert 0 < row["data_seconds"] < row["seconds"] and 0 < row["data_wait_share_window"] < 1

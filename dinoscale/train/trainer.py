@@ -36,6 +36,7 @@ from dinoscale.train.metrics import (MetricsLogger, backbone_forward_flops, head
 from dinoscale.train.optim import apply_schedules, build_optimizer, clip_gradients
 from dinoscale.train.parallel import parallelize
 from dinoscale.train.schedules import schedule_iterations, schedule_warnings
+from dinoscale.train.throughput import ThroughputWindow
 from dinoscale.train.ssl import SSLMetaArch
 from dinoscale.utils.device import autocast_dtype
 from dinoscale.utils.io import write_text
@@ -226,6 +227,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
     autocast = torch.autocast(dist_info.device.type, dtype=compute_dtype or torch.bfloat16,
                               enabled=compute_dtype is not None)
     knn_period = cfg.eval.online_knn_period_iterations
+    speed = ThroughputWindow(cfg.train.log_period_iterations)
     labelled = (open_labelled(cfg.eval.train_dataset, "train"),
                 open_labelled(cfg.eval.val_dataset, "val")) if knn_period else None
 
@@ -233,21 +235,25 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
         for iteration in range(start, n_iterations):
             step_start, cpu_start = time.perf_counter(), time.process_time()
             batch = next(batches)
+            data_seconds = time.perf_counter() - step_start
             metrics = train_step(model, optimizer, batch, iteration, cfg, autocast, dist_info.rank, run_dir)
             seconds = time.perf_counter() - step_start
+            flops = step_flops(model, batch)
             # cpu_seconds / seconds: how many cores the step kept busy (data-loader workers not counted)
-            metrics.update(seconds=seconds, cpu_seconds=time.process_time() - cpu_start,
-                           images_per_s=global_batch / seconds, peak_flops=peak_flops,
-                           mfu=step_flops(model, batch) / seconds / peak_flops,
-                           peak_memory_mb=peak_memory_mb(dist_info.device))
+            metrics.update(seconds=seconds, data_seconds=data_seconds, cpu_seconds=time.process_time() - cpu_start,
+                           images_per_s=global_batch / seconds, peak_flops=peak_flops, mfu=flops / seconds / peak_flops,
+                           peak_memory_mb=peak_memory_mb(dist_info.device),
+                           **speed.add(global_batch, seconds, data_seconds, flops, peak_flops))
             if knn_period and (iteration + 1) % knn_period == 0:
                 metrics.update(teacher_knn(model, labelled, cfg, dist_info.device))
                 log.info("it %d: teacher k-NN top-1 %s", iteration,
                          {k: round(v, 2) for k, v in metrics.items() if k.startswith("knn_top1")})
             metrics_log.log(metrics)
             if iteration % cfg.train.log_period_iterations == 0:
-                log.info("it %d/%d loss %.4f  %.1f img/s  mfu %.1f%%", iteration, n_iterations,
-                         metrics["total_loss"], metrics["images_per_s"], 100 * metrics["mfu"])
+                log.info("it %d/%d loss %.4f  %.1f img/s  mfu %.1f%%  data wait %.0f%% (last %d it)", iteration,
+                         n_iterations, metrics["total_loss"], metrics["images_per_s_window"],
+                         100 * metrics["mfu_window"], 100 * metrics["data_wait_share_window"],
+                         metrics["window_iterations"])
 
             stopping = guard.sync()
             last = iteration == n_iterations - 1
