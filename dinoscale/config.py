@@ -330,7 +330,12 @@ class CurationConfig:
 class EvalConfig:
     train_dataset: str = knob("", "labelled images for the k-NN bank / probe training (class sub-folders)")
     val_dataset: str = knob("", "labelled images to evaluate on")
-    image_size: int = knob(224, "evaluation resolution", min=1)
+    image_size: Optional[int] = knob(None, "evaluation resolution (null: the resolution the weights were trained at, "
+                                           "as their export or run records it; 224, the DINO protocol's, for "
+                                           "weights that do not say)", min=1)
+    resize: str = knob("center_crop", "center_crop: resize the short side to 256/224 of image_size and keep the "
+                                      "centre (DINO protocol); whole_image: resize the whole image to image_size x "
+                                      "image_size (no border lost)", choices=["center_crop", "whole_image"])
     batch_size: int = knob(128, "images per forward", min=1)
     num_workers: int = knob(2, "data-loader workers decoding evaluation images", min=0)
     precision: str = knob("auto", "bf16 autocast where the hardware has it (auto), always, or never",

@@ -28,16 +28,18 @@ from dinoscale.data.stream import BatchStream, Source, make_loader
 from dinoscale.errors import ConfigError, DinoscaleError
 from dinoscale.eval.evaluate import online_knn, open_labelled
 from dinoscale.eval.features import LabelledImages
+from dinoscale.eval.resolution import at_training_resolution
 from dinoscale.models.loading import load_backbone, meta_backbone, save_backbone
 from dinoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dinoscale.train.distributed import DistInfo, barrier, process_group
+from dinoscale.train.export import training_record
 from dinoscale.train.metrics import (MetricsLogger, backbone_forward_flops, head_forward_flops, measure_matmul_peak,
                                      peak_memory_mb)
 from dinoscale.train.optim import apply_schedules, build_optimizer, clip_gradients
 from dinoscale.train.parallel import parallelize
 from dinoscale.train.schedules import schedule_iterations, schedule_warnings
-from dinoscale.train.throughput import ThroughputWindow
 from dinoscale.train.ssl import SSLMetaArch
+from dinoscale.train.throughput import ThroughputWindow
 from dinoscale.utils.device import autocast_dtype
 from dinoscale.utils.io import write_text
 from dinoscale.utils.logging import get_logger
@@ -141,10 +143,10 @@ def _gathered_teacher_weights(model: SSLMetaArch, cpu_offload: bool = False) -> 
 
 
 def export_teacher(model: SSLMetaArch, path: Path, is_main: bool) -> None:
-    """Gather the teacher backbone and write it in the official layout."""
+    """Gather the teacher backbone and write it in the official layout, with its training record."""
     full = _gathered_teacher_weights(model, cpu_offload=True)
     if is_main:
-        save_backbone(model.teacher.backbone, path, state_dict=full)
+        save_backbone(model.teacher.backbone, path, state_dict=full, training=training_record(model.cfg))
 
 
 def teacher_knn(model: SSLMetaArch, labelled: tuple[LabelledImages, LabelledImages], cfg: DictConfig,
@@ -154,7 +156,7 @@ def teacher_knn(model: SSLMetaArch, labelled: tuple[LabelledImages, LabelledImag
     images out over the ranks."""
     backbone = meta_backbone(model.teacher.backbone.spec)
     backbone.load_state_dict(_gathered_teacher_weights(model), assign=True)
-    return online_knn(backbone, *labelled, cfg.eval, device)
+    return online_knn(backbone, *labelled, at_training_resolution(cfg), device)
 
 
 def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict, iteration: int, cfg: DictConfig,
