@@ -134,12 +134,31 @@ def summarise_eval(out: dict) -> list[Row]:
                      "one dense similarity matrix", dense["queries_per_s"], r["speed_vs_dense"]),
                  Row(f"k-NN {name.replace('_', ' ')} search memory, MiB", search_mib(r), "one dense similarity matrix",
                      search_mib(dense), 1 / r["search_memory_vs_dense"] if r["search_memory_vs_dense"] > 0 else None)]
-    return rows + [
+    return rows + summarise_eval_files(out.get("files", {})) + [
         Row("eval features ViT-S/16 bf16, img/s", features["bf16"]["images_per_s"], "fp32",
             features["fp32"]["images_per_s"], features["bf16_speedup"]),
         Row(f"linear-probe grid of {linear['grid_points']} points, s", linear["batched_seconds"],
             "one run per point", linear["one_run_per_point_seconds"], linear["batched_speedup"]),
     ]
+
+
+def summarise_eval_files(files: dict) -> list[Row]:
+    """Feature extraction from image files against the per-image torchvision transform, and the resize
+    done per image (PIL) against a batched torch resize."""
+    if "per_image_transform" not in files:
+        return [Row("eval features from files", files.get("skipped", "not run"))] if files else []
+    baseline = files["per_image_transform"]
+    rows = []
+    for workers in ("0", "2"):
+        r = files[f"dinoscale_{workers}_workers"]
+        rows.append(Row(f"eval features, {files['images']} icon files at {files['image_size']} px, {workers} workers, "
+                        "img/s", r["images_per_s"], "per-image torchvision transform, 1 process",
+                        baseline["images_per_s"], r["speedup_vs_per_image_transform"],
+                        r.get("cpu_speedup_vs_per_image_transform")))
+    for case, r in files["resize"].items():
+        rows.append(Row(f"eval resize {case.replace('_', ' ')}, PIL per image, CPU us/img", r["pil_per_image_us"],
+                        "torch, whole batch at once", r["torch_batched_us"], 1 / r["batched_speedup"]))
+    return rows
 
 
 def summarise_curation(out: dict) -> list[Row]:
@@ -183,7 +202,8 @@ BENCHMARKS = {
         "quick": ["--images", "8", "--batch-size", "8"],
         "default": ["--images", "64", "--batch-size", "32"]}, summarise_embed),
     "eval": Benchmark("benchmarks.bench_eval", {
-        "quick": ["--bank", "5000", "--queries", "200", "--images", "8", "--image-size", "64"],
+        "quick": ["--bank", "5000", "--queries", "200", "--images", "8", "--image-size", "64", "--files", "64",
+                  "--rounds", "1"],
         "default": ["--bank", "100000", "--queries", "2000", "--images", "32"]}, summarise_eval),
     "curation": Benchmark("benchmarks.bench_curation", {
         "quick": ["--max-n", "10000", "--baseline-max-n", "10000"],
