@@ -11,22 +11,11 @@ from dinoscale.data.pool import open_pool
 from dinoscale.errors import DataError
 from dinoscale.eval.cli import main
 from dinoscale.eval.evaluate import evaluate_knn, open_labelled, read_key_subset
-from dinoscale.models.loading import load_backbone, save_backbone
+from dinoscale.models.loading import load_backbone
 
-from test_eval_cli import write_split
-from test_eval_features import tiny_backbone
+from test_eval_cli import workspace as folders  # noqa: F401  (the fixture: tiny PNGs in class folders)
 
 FAST = ["eval.image_size=16", "eval.batch_size=8", "eval.num_workers=0", "eval.precision=fp32", "eval.knn_k=[1,3]"]
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval_datasets")
-    rng = np.random.default_rng(0)
-    write_split(root / "train", 6, rng)
-    write_split(root / "val", 4, rng)
-    save_backbone(tiny_backbone(), root / "backbone.pth")
-    return root
 
 
 def _csv(path, rows, header="path,label"):
@@ -34,9 +23,9 @@ def _csv(path, rows, header="path,label"):
     return path
 
 
-def _knn(train, val, cfg_overrides=FAST, weights=None):
+def _knn(weights, train, val):
     return evaluate_knn(load_backbone(weights), open_labelled(train, "train"), open_labelled(val, "val"),
-                        load_config(None, list(cfg_overrides)).eval)
+                        load_config(None, FAST).eval)
 
 
 def test_a_csv_file_gives_paths_and_labels(folders, tmp_path):
@@ -49,8 +38,8 @@ def test_a_csv_file_gives_paths_and_labels(folders, tmp_path):
     assert pool.class_names == ["fire", "grass", "sky"]
     assert [pool.class_names[label] for label in pool.labels] == [names[p.parent.name] for p in
                                                                   sorted((folders / "train").rglob("*.png"))]
-    from_csv = _knn(tmp_path / "train.csv", tmp_path / "val.csv", weights=folders / "backbone.pth")
-    from_folders = _knn(folders / "train", folders / "val", weights=folders / "backbone.pth")
+    from_csv = _knn(folders / "backbone.pth", tmp_path / "train.csv", tmp_path / "val.csv")
+    from_folders = _knn(folders / "backbone.pth", folders / "train", folders / "val")
     assert from_csv.top1 == from_folders.top1 and from_csv.n_queries == 12
 
 
@@ -88,7 +77,7 @@ def test_knn_scores_a_val_subset_and_its_complement_on_their_own(folders, tmp_pa
     report = json.loads((tmp_path / "out" / "report.json").read_text())["knn"]
     # each subset scored alone: the k-NN of a val set that holds only those images
     _csv(tmp_path / "chosen.csv", [(str(folders / "val" / f"{key}.png"), key.split("/")[0]) for key in chosen])
-    alone = _knn(folders / "train", tmp_path / "chosen.csv", weights=folders / "backbone.pth")
+    alone = _knn(folders / "backbone.pth", folders / "train", tmp_path / "chosen.csv")
     assert report["n_queries"] == 12
     for name in ("in keys.txt", "not in copies.npy"):
         assert report["subsets"][name]["n_queries"] == 6

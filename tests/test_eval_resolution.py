@@ -16,32 +16,25 @@ from dinoscale.eval.features import ArrayImages, extract_features
 from dinoscale.eval.resolution import eval_resolution
 from dinoscale.models.loading import load_backbone, save_backbone
 
-from test_eval_cli import write_split
+from test_eval_cli import workspace  # noqa: F401  (the fixture: tiny PNGs in class folders)
 from test_eval_features import reference_input, tiny_backbone
 
 QUICK = ["eval.batch_size=8", "eval.num_workers=0", "eval.precision=fp32", "eval.knn_k=[1,5]"]
 
 
-def _labelled(root):
-    rng = np.random.default_rng(0)
-    write_split(root / "train", 6, rng)
-    write_split(root / "val", 3, rng)
-    return root
-
-
-def test_knn_defaults_to_the_training_resolution_the_export_records(tmp_path, capsys):
-    root = _labelled(tmp_path)
-    save_backbone(tiny_backbone(), root / "teacher.pth", training={"global_crops_size": 16, "local_crops_size": 8})
-    assert main(["knn", "--weights", str(root / "teacher.pth"), "--train", str(root / "train"), "--val",
-                 str(root / "val"), "--out", str(root / "out"), *QUICK]) == 0
-    report = json.loads((root / "out" / "report.json").read_text())
+def test_knn_defaults_to_the_training_resolution_the_export_records(workspace, tmp_path, capsys):
+    weights = tmp_path / "teacher.pth"
+    save_backbone(tiny_backbone(), weights, training={"global_crops_size": 16, "local_crops_size": 8})
+    assert main(["knn", "--weights", str(weights), "--train", str(workspace / "train"), "--val",
+                 str(workspace / "val"), "--out", str(tmp_path / "out"), *QUICK]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["resolution"] == {"image_size": 16, "resize": "center_crop",
                                     "source": "the training resolution recorded in teacher.pth"}
     # the same numbers as an evaluation told to use 16 px (the default would otherwise be 224)
-    at_16 = evaluate_knn(load_backbone(root / "teacher.pth"), open_pool(root / "train"), open_pool(root / "val"),
+    at_16 = evaluate_knn(load_backbone(weights), open_pool(workspace / "train"), open_pool(workspace / "val"),
                          load_config(None, [*QUICK, "eval.image_size=16"]).eval)
     assert report["knn"]["top1"] == {str(k): v for k, v in at_16.top1.items()}
-    markdown = (root / "out" / "report.md").read_text()
+    markdown = (tmp_path / "out" / "report.md").read_text()
     assert "16 px (the training resolution recorded in teacher.pth); short side resized to 18 px, centre crop of " \
            "16 px" in markdown
     assert "k-NN top-1 at 16 px (center_crop)" in capsys.readouterr().out
