@@ -47,8 +47,9 @@ def trained_resolution(weights: str | os.PathLike) -> tuple[int, str] | None:
         return int(record["global_crops_size"]), f"the training resolution recorded in {Path(weights).name}"
     config = run_config_of(weights)
     if config is not None:
-        size = OmegaConf.load(config).get("crops", {}).get("global_crops_size")
-        if size:
+        data = OmegaConf.load(config)
+        size = OmegaConf.select(data, "crops.global_crops_size") if isinstance(data, DictConfig) else None
+        if isinstance(size, int) and size > 0:
             return int(size), f"the training resolution, crops.global_crops_size in {config}"
     return None
 
