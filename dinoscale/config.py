@@ -328,7 +328,8 @@ class CurationConfig:
 # ----------------------------------------------------------------------------- evaluation
 @dataclass
 class EvalConfig:
-    train_dataset: str = knob("", "labelled images for the k-NN bank / probe training (class sub-folders)")
+    train_dataset: str = knob("", "labelled images for the k-NN bank / probe training (class sub-folders, or a CSV "
+                                  "file with path and label columns)")
     val_dataset: str = knob("", "labelled images to evaluate on")
     image_size: Optional[int] = knob(None, "evaluation resolution (null: the resolution the weights were trained at, "
                                            "as their export or run records it; 224, the DINO protocol's, for "

@@ -253,8 +253,10 @@ class PathListPool(ImagePool):
         super().__init__(**kwargs)
         list_file = Path(list_file)
         base = list_file.parent
-        names, class_names = _read_csv_list(list_file) if list_file.suffix == ".csv" else (_read_text_list(list_file),
-                                                                                            None)
+        if list_file.suffix == ".csv":
+            names, class_names = _read_csv_list(list_file)
+        else:
+            names, class_names = _read_text_list(list_file), None
         paths = [Path(name) if Path(name).is_absolute() else base / name for name in names]
         if not paths:
             raise DataError(f"{list_file} lists no image paths")
