@@ -277,11 +277,13 @@ def run_suite(benchmarks: dict[str, Benchmark], names: list[str], mode: str, out
         old = read_json(previous)
         if {k: old["machine"].get(k) for k in ("cpu", "cores", "memory_gib")} == \
                 {k: machine[k] for k in ("cpu", "cores", "memory_gib")}:
-            results["benchmarks"] = {k: v for k, v in old["benchmarks"].items() if k in benchmarks}
+            results["benchmarks"] = {k: {"cpu_capability": old["machine"]["cpu_capability"], **v}
+                                     for k, v in old["benchmarks"].items() if k in benchmarks}
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
         print(f"[bench] {name} ({mode}) ...", file=sys.stderr, flush=True)
-        entry = results["benchmarks"][name] = run_benchmark(benchmarks[name], mode, timeout)
+        entry = results["benchmarks"][name] = {**run_benchmark(benchmarks[name], mode, timeout),
+                                               "cpu_capability": machine["cpu_capability"]}
         print(f"[bench] {name}: {'failed: ' + entry['error'] if 'error' in entry else 'done'} in {entry['seconds']} s",
               file=sys.stderr, flush=True)
         write_json(out_dir / "results.json", results)
@@ -324,8 +326,11 @@ def render_markdown(results: dict, benchmarks: dict[str, Benchmark]) -> str:
         entry = results["benchmarks"].get(name)
         if entry is None:
             continue
+        # kept entries may come from a run on another machine of the same CPU model, cores and memory
+        other_cpu = entry.get("cpu_capability", m["cpu_capability"]) != m["cpu_capability"]
         label = (f"`{name}` ({entry['mode']}, {entry['seconds'] / 60:.1f} min, "
-                 f"load {entry['load_average_start']:.1f}→{entry['load_average_end']:.1f})")
+                 f"load {entry['load_average_start']:.1f}→{entry['load_average_end']:.1f}"
+                 f"{', ' + entry['cpu_capability'] + ' CPU' if other_cpu else ''})")
         if "error" in entry:
             lines.append(f"| {label} | **failed**: `{entry['error'].replace('|', '/')}` | | | | | |")
             continue
