@@ -134,7 +134,7 @@ def summarise_eval(out: dict) -> list[Row]:
                      "one dense similarity matrix", dense["queries_per_s"], r["speed_vs_dense"]),
                  Row(f"k-NN {name.replace('_', ' ')} search memory, MiB", search_mib(r), "one dense similarity matrix",
                      search_mib(dense), 1 / r["search_memory_vs_dense"] if r["search_memory_vs_dense"] > 0 else None)]
-    return rows + summarise_eval_files(out.get("files", {})) + [
+    return rows + [
         Row("eval features ViT-S/16 bf16, img/s", features["bf16"]["images_per_s"], "fp32",
             features["fp32"]["images_per_s"], features["bf16_speedup"]),
         Row(f"linear-probe grid of {linear['grid_points']} points, s", linear["batched_seconds"],
@@ -142,11 +142,12 @@ def summarise_eval(out: dict) -> list[Row]:
     ]
 
 
-def summarise_eval_files(files: dict) -> list[Row]:
+def summarise_eval_files(out: dict) -> list[Row]:
     """Feature extraction from image files against the per-image torchvision transform, and the resize
     done per image (PIL) against a batched torch resize."""
-    if "per_image_transform" not in files:
-        return [Row("eval features from files", files.get("skipped", "not run"))] if files else []
+    files = out["files"]
+    if "skipped" in files:
+        return [Row("eval features from image files", files["skipped"])]
     baseline = files["per_image_transform"]
     rows = []
     for workers in ("0", "2"):
@@ -202,9 +203,13 @@ BENCHMARKS = {
         "quick": ["--images", "8", "--batch-size", "8"],
         "default": ["--images", "64", "--batch-size", "32"]}, summarise_embed),
     "eval": Benchmark("benchmarks.bench_eval", {
-        "quick": ["--bank", "5000", "--queries", "200", "--images", "8", "--image-size", "64", "--files", "64",
-                  "--rounds", "1"],
-        "default": ["--bank", "100000", "--queries", "2000", "--images", "32"]}, summarise_eval),
+        "quick": ["--bank", "5000", "--queries", "200", "--images", "8", "--image-size", "64",
+                  "--parts", "knn", "features", "linear"],
+        "default": ["--bank", "100000", "--queries", "2000", "--images", "32", "--parts", "knn", "features",
+                    "linear"]}, summarise_eval),
+    "eval_files": Benchmark("benchmarks.bench_eval", {
+        "quick": ["--parts", "files", "--files", "64", "--rounds", "1"],
+        "default": ["--parts", "files", "--files", "800", "--rounds", "3"]}, summarise_eval_files),
     "curation": Benchmark("benchmarks.bench_curation", {
         "quick": ["--max-n", "10000", "--baseline-max-n", "10000"],
         "default": ["--max-n", "100000", "--baseline-max-n", "100000"],
