@@ -41,10 +41,10 @@ from dinoscale.utils.stages import is_done, mark_done, read_marker
 
 log = get_logger(__name__)
 
-# about a minute on 2 cores: a small pool, two rounds of 150 iterations of 64 images
+# a few minutes on 2 cores: a small pool, two rounds of 300 iterations of 64 images
 QUICK_OVERRIDES = [
-    "demo.pool_images=500", "demo.image_size=32", "demo.eval_per_class=20", "demo.embedder_epochs=3",
-    "demo.pictures=3", "train.OFFICIAL_EPOCH_LENGTH=50", "optim.epochs=3", "train.num_workers=1",
+    "demo.pool_images=500", "demo.image_size=32", "demo.eval_per_class=20", "demo.embedder_epochs=6",
+    "demo.pictures=3", "train.OFFICIAL_EPOCH_LENGTH=50", "optim.epochs=6", "train.num_workers=1",
     "curation.sampling.target_size=300", "curation.kmeans.n_clusters=[30,8]", "curation.kmeans.sample_size=[3,2]",
     "curation.shards.shard_size=100", "eval.linear_epochs=30",
 ]
