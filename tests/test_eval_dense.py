@@ -4,6 +4,10 @@ predictions are scored at each label map's own size, bad targets are reported wi
 and `dinoscale eval dense` writes its report."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,3 +231,44 @@ def test_backbone_probe_restores_the_models_mode(blocks):
     result = evaluate_dense_backbone(model, *open_dense_datasets(cfg.dense), cfg, torch.device("cpu"))
     assert model.training and set(result.metrics()) == {
         "segmentation_miou", "segmentation_pixel_accuracy", "depth_rmse", "depth_delta1", "depth_abs_rel"}
+
+
+WORKER = """
+import json, sys, torch, torch.distributed as dist
+from dinoscale.config import load_config
+from dinoscale.eval.dense import PixelPatches, evaluate_dense
+from dinoscale.eval.dense_data import open_dense_datasets
+dist.init_process_group("gloo")
+cfg = load_config(None, json.loads(sys.argv[1])).eval
+result = evaluate_dense(PixelPatches(4), *open_dense_datasets(cfg.dense), cfg, torch.device("cpu"))
+if dist.get_rank() == 1:
+    print(json.dumps(result.as_dict()))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_score_the_same_as_one_process(tmp_path):
+    write_blocks(tmp_path, "train", 15, seed=11)  # 15 and 7 images: the ranks hold uneven slices
+    write_blocks(tmp_path, "val", 7, seed=12)
+    (tmp_path / "val" / "masks" / "004.png").unlink()  # a problem found on the second rank only
+    overrides = [*[f"eval.dense.{role}_{what}={tmp_path / role / folder}" for role in ("train", "val")
+                   for what, folder in (("dataset", "images"), ("masks", "masks"), ("depth", "depth"))],
+                 "eval.dense.image_size=16", "eval.num_workers=0", "eval.batch_size=2", "eval.precision=fp32",
+                 "eval.dense.lrs=[0.1]", "eval.dense.weight_decays=[0.0]", "eval.dense.epochs=3",
+                 "eval.dense.batch_size=4", "eval.dense.min_depth=0.5", "eval.dense.skip_bad_targets=true"]
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), json.dumps(overrides)],
+                          check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, capture_output=True,
+                          text=True)
+    two_ranks = json.loads(done.stdout.strip().splitlines()[-1])
+    cfg = load_config(None, overrides).eval
+    single = evaluate_dense(PixelPatches(4), *open_dense_datasets(cfg.dense), cfg, torch.device("cpu")).as_dict()
+    assert two_ranks["skipped"] == single["skipped"] == {"train": {}, "val": {"no target file": 1}}
+    for probe in ("segmentation", "depth"):
+        assert two_ranks[probe]["n_test"] == single[probe]["n_test"] == 6
+    assert two_ranks["segmentation"]["scores"] == single["segmentation"]["scores"]  # integer confusion counts
+    assert two_ranks["depth"]["scores"] == pytest.approx(single["depth"]["scores"], rel=1e-9)

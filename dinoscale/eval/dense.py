@@ -219,12 +219,14 @@ def _batches(dataset: DenseDataset, indices: list[int], image_size: int, target_
             yield torch.stack([item["image"] for item in good]), good
 
 
-def _gather_problems(problems: Problems) -> Problems:
-    if not is_distributed():
-        return problems
-    everyone: list[Problems | None] = [None] * world_size()
-    dist.all_gather_object(everyone, problems)
+def _all_problems(dataset: DenseDataset, found: Problems) -> Problems:
+    """The dataset's missing targets (known to every rank) and what each rank found while loading."""
+    everyone = [found]
+    if is_distributed():
+        everyone = [None] * world_size()
+        dist.all_gather_object(everyone, found)
     merged = Problems()
+    merged.merge(dataset.problems)
     for other in everyone:
         merged.merge(other)
     return merged
@@ -250,7 +252,6 @@ def train_features(featurizer: PatchFeaturizer, dataset: DenseDataset, cfg: Any,
     """Embed this rank's slice of the train images and all-gather the features and targets."""
     dense = cfg.dense
     problems = Problems()
-    problems.merge(dataset.problems)
     mine = [dataset.indices[i] for i in slice_of_rank(len(dataset.indices))]
     rows: dict[str, list[Tensor]] = {"features": [], "masks": [], "depth": []}
     for images, items in _batches(dataset, mine, dense.image_size, dense.image_size, n_classes, cfg.batch_size,
@@ -259,8 +260,7 @@ def train_features(featurizer: PatchFeaturizer, dataset: DenseDataset, cfg: Any,
         for name, key in (("masks", "mask"), ("depth", "depth")):
             if items[0][key] is not None:
                 rows[name].append(torch.stack([item[key] for item in items]))
-    problems = _gather_problems(problems)
-    skipped = report_problems(problems, "train", len(dataset), dense.skip_bad_targets)
+    skipped = report_problems(_all_problems(dataset, problems), "train", len(dataset), dense.skip_bad_targets)
     grid = dense.image_size // featurizer.patch_size
     local = torch.cat(rows["features"]) if rows["features"] else torch.zeros(0, grid, grid, 0)
     features = all_gather_rows(local, device)
@@ -406,7 +406,6 @@ def score_dense_heads(featurizer: PatchFeaturizer, dataset: DenseDataset, heads:
     problems found, the number of images scored, and on rank 0 up to `n_pictures` pictures:
     {"image": RGB array, "mask" / "depth": (true, predicted)}."""
     problems = Problems()
-    problems.merge(dataset.problems)
     mine = [dataset.indices[i] for i in slice_of_rank(len(dataset.indices))]
     sums = {name: torch.zeros(n_classes, n_classes, dtype=torch.float64) if name == "segmentation"
             else torch.zeros(N_SUMS, dtype=torch.float64) for name in heads}
@@ -427,7 +426,7 @@ def score_dense_heads(featurizer: PatchFeaturizer, dataset: DenseDataset, heads:
     for name in sums:
         all_reduce_sum(sums[name])
     total = all_reduce_sum(torch.tensor([n_scored], dtype=torch.float64))
-    return sums, _gather_problems(problems), int(total), pictures
+    return sums, _all_problems(dataset, problems), int(total), pictures
 
 
 # ----------------------------------------------------------------------------- the protocol
