@@ -349,7 +349,7 @@ class DenseEvalConfig:
     bins_strategy: str = knob("linear", "spacing of the depth bins", choices=["linear", "log"])
     norm_strategy: str = knob("linear", "bin weights from the outputs: relu + 0.1 normalised (AdaBins), softmax "
                                         "or sigmoid normalised", choices=["linear", "softmax", "sigmoid"])
-    lrs: List[float] = knob([1e-3, 1e-2, 1e-1], "learning-rate grid of the dense probes")
+    lrs: List[float] = knob([1e-2, 1e-1, 1.0], "learning-rate grid of the dense probes")
     weight_decays: List[float] = knob([0.0, 1e-3], "weight-decay grid of the dense probes")
     epochs: int = knob(20, "epochs of dense-probe training", min=1)
     batch_size: int = knob(16, "images per dense-probe SGD step", min=1)

@@ -261,11 +261,14 @@ def train_features(featurizer: PatchFeaturizer, dataset: DenseDataset, cfg: Any,
             if items[0][key] is not None:
                 rows[name].append(torch.stack([item[key] for item in items]))
     skipped = report_problems(_all_problems(dataset, problems), "train", len(dataset), dense.skip_bad_targets)
-    grid = dense.image_size // featurizer.patch_size
-    local = torch.cat(rows["features"]) if rows["features"] else torch.zeros(0, grid, grid, 0)
-    features = all_gather_rows(local, device)
-    gathered = {name: all_gather_rows(torch.cat(rows[name]), device) if rows[name] else None
-                for name in ("masks", "depth")}
+    size = dense.image_size
+    if not rows["features"]:  # a rank without usable images still takes part in the gathers, with 0 rows
+        rows["features"].append(_features(featurizer, torch.zeros(1, 3, size, size), device, cfg.precision)[:0].cpu())
+        rows["masks"].append(torch.zeros(0, size, size, dtype=torch.int32))
+        rows["depth"].append(torch.zeros(0, size, size))
+    features = all_gather_rows(torch.cat(rows["features"]), device)
+    gathered = {name: all_gather_rows(torch.cat(rows[name]), device) if has else None
+                for name, has in (("masks", dataset.has_masks), ("depth", dataset.has_depth))}
     if len(features) < 2:
         raise DataError(f"the dense train dataset has {len(features)} usable images; the probes need at least 2")
     return TrainFeatures(features, gathered["masks"], gathered["depth"], skipped)
