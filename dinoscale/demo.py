@@ -29,11 +29,12 @@ from dinoscale.curation.pipeline import run_curation, stage_dir
 from dinoscale.curation.report import thumbnail_row
 from dinoscale.data.pool import open_pool
 from dinoscale.data.synthetic import CLASS_NAMES, SyntheticSpec, make_synthetic_pool
-from dinoscale.eval.dense import PixelPatches, evaluate_dense, evaluate_dense_backbone
+from dinoscale.eval.dense import evaluate_dense, evaluate_dense_backbone
 from dinoscale.eval.dense_data import DenseDataset
 from dinoscale.eval.evaluate import evaluate_knn, evaluate_linear, open_labelled
 from dinoscale.eval.knn import knn_classify
 from dinoscale.eval.linear import linear_probe
+from dinoscale.eval.patch_features import PixelPatches
 from dinoscale.eval.report import Section, plot_loss_curves, read_metrics, write_report
 from dinoscale.eval.visualize import render_dense_pictures, render_pictures, tile_size
 from dinoscale.models import build_backbone, load_backbone

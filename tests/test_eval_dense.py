@@ -18,9 +18,10 @@ from PIL import Image
 from dinoscale.config import load_config
 from dinoscale.errors import DataError
 from dinoscale.eval.cli import main as eval_main
-from dinoscale.eval.dense import (BackbonePatches, PixelPatches, SegmentationTask, evaluate_dense,
-                                  evaluate_dense_backbone)
+from dinoscale.eval.dense import evaluate_dense, evaluate_dense_backbone
 from dinoscale.eval.dense_data import DenseDataset, open_dense_datasets
+from dinoscale.eval.patch_features import BackbonePatches, PixelPatches
+from dinoscale.eval.segmentation import SegmentationTask
 from dinoscale.models.loading import save_backbone
 from dinoscale.models.presets import build_backbone
 
@@ -95,7 +96,7 @@ def test_per_patch_separable_toy_reaches_miou_near_100_and_small_depth_error(blo
         upsampled = F.interpolate(per_patch, size=true.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
         best.append(np.sqrt(np.mean((upsampled - true) ** 2)))
     assert result.depth.scores["rmse"] < np.mean(best) + 0.1, (result.depth, np.mean(best))
-    assert (result.segmentation.n_train, result.segmentation.n_val, result.segmentation.n_test) == (36, 4, 12)
+    assert (result.segmentation.n_train, result.segmentation.n_val, result.segmentation.n_test) == (40, 4, 12)
     assert len(result.segmentation.grid) == 2 and result.skipped == {"train": {}, "val": {}}
 
 
@@ -236,7 +237,8 @@ def test_backbone_probe_restores_the_models_mode(blocks):
 WORKER = """
 import json, sys, torch, torch.distributed as dist
 from dinoscale.config import load_config
-from dinoscale.eval.dense import PixelPatches, evaluate_dense
+from dinoscale.eval.dense import evaluate_dense
+from dinoscale.eval.patch_features import PixelPatches
 from dinoscale.eval.dense_data import open_dense_datasets
 dist.init_process_group("gloo")
 cfg = load_config(None, json.loads(sys.argv[1])).eval

@@ -13,7 +13,8 @@ import torch
 
 from dinoscale.config import load_config
 from dinoscale.data.pool import open_pool
-from dinoscale.eval.dense import evaluate_dense_backbone, open_dense_datasets
+from dinoscale.eval.dense import evaluate_dense_backbone
+from dinoscale.eval.dense_data import open_dense_datasets
 from dinoscale.eval.evaluate import evaluate_knn, knn_metrics
 from dinoscale.models import build_backbone, load_backbone
 from dinoscale.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint

@@ -4,6 +4,7 @@ features   CLS / mean-patch features of a labelled pool (eval transform, bf16, a
 knn        weighted k-NN (DINO protocol), chunked over queries and bank
 linear     linear probe with a batched learning-rate x weight-decay grid
 dense      linear segmentation and depth probes on patch features (train, choose, score across ranks)
+patch_features  per-patch features of a backbone or of raw pixels, for images with dense targets
 dense_data images with VOC-style label masks and depth maps; bad targets counted and reported
 segmentation, depth   their losses and metrics (mIoU, pixel accuracy; RMSE, δ1, AbsRel)
 visualize  PCA-of-patches and CLS-attention montages, predicted masks and depth

@@ -1,4 +1,4 @@
-"""Monocular depth for the linear probe: outputs to depth, the training loss and the metrics.
+"""Monocular depth for the dense probe: outputs to depth, the training loss and the metrics.
 
 As in the DINOv2/DINOv3 linear depth evaluation: the linear layer predicts, per patch, weights
 over `n_bins` depths spread over [min_depth, max_depth] (AdaBins' classification-regression;
@@ -110,3 +110,42 @@ def depth_scores(sums: Tensor) -> DepthScores:
     n = float(sums[3])
     mean = sums[:3] / max(n, 1.0)
     return DepthScores(rmse=float(mean[0]), delta1=100 * float(mean[1]), abs_rel=float(mean[2]), n_images=int(n))
+
+
+@dataclass
+class DepthTask:
+    """What the dense probe needs to train and score a depth head."""
+
+    n_bins: int
+    min_depth: float
+    max_depth: float
+    bins_strategy: str = "linear"
+    norm_strategy: str = "linear"
+    name: str = "depth"
+    target: str = "depth"
+    selection_metric: str = "rmse"
+    higher_is_better: bool = False
+
+    @property
+    def n_outputs(self) -> int:
+        return self.n_bins
+
+    def predict(self, outputs: Tensor, size: tuple[int, int]) -> Tensor:
+        """Depth maps [..., H, W] from per-patch outputs [..., h, w, n_bins]."""
+        depth = outputs_to_depth(outputs, self.min_depth, self.max_depth, self.bins_strategy, self.norm_strategy)
+        return upsample_depth(depth, size)
+
+    def loss(self, outputs: Tensor, depth: Tensor) -> Tensor:
+        return sig_loss(self.predict(outputs, depth.shape[-2:]), depth,
+                        valid_depth(depth, self.min_depth, self.max_depth))
+
+    def empty_sums(self) -> Tensor:
+        return torch.zeros(N_SUMS, dtype=torch.float64)
+
+    def sums(self, outputs: Tensor, depth: Tensor) -> Tensor:
+        """Per-image metric sums [G, N_SUMS] of G heads' outputs [G, B, h, w, n_bins] against depth [B, H, W]."""
+        predicted = self.predict(outputs, depth.shape[-2:])
+        return torch.stack([depth_sums(p, depth, self.min_depth, self.max_depth) for p in predicted])
+
+    def scores(self, sums: Tensor) -> DepthScores:
+        return depth_scores(sums)

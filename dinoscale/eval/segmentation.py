@@ -1,4 +1,4 @@
-"""Semantic segmentation for the linear probe: the loss on upsampled logits and the metrics.
+"""Semantic segmentation for the dense probe: the loss on upsampled logits and the metrics.
 
 As in the DINOv2/DINOv3 linear segmentation evaluation: logits predicted per patch are
 upsampled bilinearly to the label map's size, trained with cross-entropy that skips the
@@ -67,3 +67,37 @@ def segmentation_scores(confusion: Tensor) -> SegmentationScores:
         miou=100 * float(iou.nanmean()), pixel_accuracy=100 * float(correct.sum() / confusion.sum().clamp_min(1)),
         mean_accuracy=100 * float(accuracy.nanmean()),
         iou=[None if torch.isnan(v) else 100 * float(v) for v in iou])
+
+
+@dataclass
+class SegmentationTask:
+    """What the dense probe needs to train and score a segmentation head."""
+
+    n_classes: int
+    ignore_index: int
+    name: str = "segmentation"
+    target: str = "mask"
+    selection_metric: str = "miou"
+    higher_is_better: bool = True
+
+    @property
+    def n_outputs(self) -> int:
+        return self.n_classes
+
+    def loss(self, outputs: Tensor, labels: Tensor) -> Tensor:
+        return segmentation_loss(outputs, labels.long(), self.ignore_index)
+
+    def predict(self, outputs: Tensor, size: tuple[int, int]) -> Tensor:
+        """Class maps [..., H, W] from per-patch logits [..., h, w, C]."""
+        return upsample(outputs, size).argmax(-3)
+
+    def empty_sums(self) -> Tensor:
+        return torch.zeros(self.n_classes, self.n_classes, dtype=torch.float64)
+
+    def sums(self, outputs: Tensor, labels: Tensor) -> Tensor:
+        """Confusion matrices [G, C, C] of G heads' outputs [G, B, h, w, C] against labels [B, H, W]."""
+        predicted = self.predict(outputs, labels.shape[-2:])
+        return torch.stack([confusion_matrix(p, labels, self.n_classes, self.ignore_index) for p in predicted])
+
+    def scores(self, sums: Tensor) -> SegmentationScores:
+        return segmentation_scores(sums)

@@ -27,7 +27,8 @@ from dinoscale.data.masking import MaskingGenerator
 from dinoscale.data.pool import open_pool
 from dinoscale.data.stream import BatchStream, Source, make_loader
 from dinoscale.errors import ConfigError, DinoscaleError
-from dinoscale.eval.dense import online_dense, open_dense_datasets
+from dinoscale.eval.dense import online_dense
+from dinoscale.eval.dense_data import open_dense_datasets
 from dinoscale.eval.evaluate import online_knn, open_labelled
 from dinoscale.eval.features import LabelledImages
 from dinoscale.models.loading import load_backbone, meta_backbone, save_backbone
