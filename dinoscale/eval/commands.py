@@ -99,7 +99,8 @@ def dense_sections(result: DenseResult, cfg: DictConfig, what: str) -> list[Sect
         grid = ", ".join(f"lr {p['lr']:g} wd {p['weight_decay']:g}: {p[held_out]:.3g}" for p in probe.grid)
         text = (f"{what}; patch tokens ({dense.backbone_out_layers}{', with CLS' if dense.use_cls_token else ''}) "
                 f"at {dense.image_size} px, a linear layer per patch, outputs upsampled bilinearly to each label map. "
-                f"Grid point chosen on {probe.n_val} held-out train images ({held_out[4:]}: {grid}), retrained on "
+                f"Grid point chosen on {probe.n_val} held-out train images (their "
+                f"{'mIoU' if name == 'segmentation' else 'RMSE'} per point: {grid}), retrained on "
                 f"all {probe.n_train}, scored on {probe.n_test} val images "
                 f"(lr {probe.lr:g}, weight decay {probe.weight_decay:g}).")
         sections.append(Section(title, text, table))
