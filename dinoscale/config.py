@@ -169,7 +169,8 @@ class CropsConfig:
 # ----------------------------------------------------------------------------- optimisation
 @dataclass
 class OptimConfig:
-    epochs: int = knob(100, "training length in epochs of OFFICIAL_EPOCH_LENGTH iterations", min=1)
+    epochs: int = knob(100, "training length in epochs of OFFICIAL_EPOCH_LENGTH iterations (of "
+                                       "train.iterations / epochs when train.iterations is set)", min=1)
     base_lr: float = knob(0.004, "learning rate for a batch of 1024 (scaled by scaling_rule)", min=0.0)
     lr: float = knob(0.0, "peak learning rate; 0 means base_lr scaled by scaling_rule", min=0.0)
     scaling_rule: str = knob("sqrt_wrt_1024", "how base_lr scales with the global batch",
@@ -202,8 +203,14 @@ class TrainConfig:
                                              min=0.0, max=1.0)
     output_dir: str = knob("runs/train", "run directory (checkpoints, metrics, config)")
     batch_size_per_gpu: int = knob(64, "images per rank per step", min=1)
-    OFFICIAL_EPOCH_LENGTH: int = knob(1250, "iterations per epoch (as in the reference)", min=1)
-    max_iterations: Optional[int] = knob(None, "stop early after this many iterations")
+    OFFICIAL_EPOCH_LENGTH: int = knob(1250, "iterations per epoch (as in the reference; unused when "
+                                                       "iterations is set)", min=1)
+    iterations: Optional[int] = knob(None, "run length in iterations: every length in epochs (optim.epochs and "
+                                           "the warm-ups and freeze) is scaled to it, an epoch being iterations / "
+                                           "optim.epochs iterations (null: optim.epochs x OFFICIAL_EPOCH_LENGTH)",
+                                     min=1)
+    max_iterations: Optional[int] = knob(None, "stop after this many iterations, wherever the schedule is "
+                                               "(warns; to shorten the schedule too, set iterations)", min=1)
     centering: str = knob("sinkhorn_knopp", "teacher normalisation: EMA centring (DINO), Sinkhorn-Knopp (DINOv2/v3), or "
                                             "none (plain softmax, which collapses: an ablation)",
                           choices=["centering", "sinkhorn_knopp", "none"])
@@ -361,9 +368,15 @@ class DenseEvalConfig:
 
 @dataclass
 class EvalConfig:
-    train_dataset: str = knob("", "labelled images for the k-NN bank / probe training (class sub-folders)")
+    train_dataset: str = knob("", "labelled images for the k-NN bank / probe training (class sub-folders, or a CSV "
+                                  "file with path and label columns)")
     val_dataset: str = knob("", "labelled images to evaluate on")
-    image_size: int = knob(224, "evaluation resolution", min=1)
+    image_size: Optional[int] = knob(None, "evaluation resolution (null: the resolution the weights were trained at, "
+                                           "as their export or run records it; 224, the DINO protocol's, for "
+                                           "weights that do not say)", min=1)
+    resize: str = knob("center_crop", "center_crop: resize the short side to 256/224 of image_size and keep the "
+                                      "centre (DINO protocol); whole_image: resize the whole image to image_size x "
+                                      "image_size (no border lost)", choices=["center_crop", "whole_image"])
     batch_size: int = knob(128, "images per forward", min=1)
     num_workers: int = knob(2, "data-loader workers decoding evaluation images", min=0)
     precision: str = knob("auto", "bf16 autocast where the hardware has it (auto), always, or never",
@@ -574,25 +587,58 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def reference_markdown() -> str:
-    """The configuration reference, generated from the schema (used by the README)."""
-    lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+@dataclass(frozen=True)
+class KeyDoc:
+    """One config key as the reference shows it: dotted key, default (JSON), allowed values, meaning."""
 
-    def walk(node: Any, prefix: str) -> None:
+    key: str
+    default: str
+    allowed: str
+    help: str
+
+
+def config_keys(prefix: str = "") -> list[KeyDoc]:
+    """Every key of the schema whose dotted name starts with `prefix`, in schema order."""
+    docs: list[KeyDoc] = []
+
+    def walk(node: Any, path: str) -> None:
         instance = node()
         for f in dataclasses.fields(node):
             ftype = _resolve_type(f.type)
             if dataclasses.is_dataclass(ftype):
-                walk(ftype, f"{prefix}{f.name}.")
+                walk(ftype, f"{path}{f.name}.")
                 continue
             meta = f.metadata
             allowed = ", ".join(map(str, meta["choices"])) if meta.get("choices") else ""
             if meta.get("min") is not None or meta.get("max") is not None:
                 allowed = f"[{meta.get('min', '')}, {meta.get('max', '')}]".replace("None", "")
             default = json.dumps(getattr(instance, f.name), default=lambda o: dataclasses.asdict(o))
-            lines.append(f"| `{prefix}{f.name}` | `{default}` | {allowed} | {meta.get('help', '')} |")
+            docs.append(KeyDoc(f"{path}{f.name}", default, allowed, meta.get("help", "")))
 
     walk(Config, "")
+    return [doc for doc in docs if doc.key.startswith(prefix)]
+
+
+def keys_text(prefix: str = "") -> str:
+    """`dinoscale config keys [PREFIX]`: one line per key (key = default, allowed values, meaning)."""
+    docs = config_keys(prefix)
+    if not docs:
+        sections = sorted({doc.key.split(".")[0] for doc in config_keys()})
+        hint = difflib.get_close_matches(prefix.split(".")[0], sections, n=1)
+        suggestion = f"did you mean '{hint[0]}'? " if hint else ""
+        raise ConfigError(f"no config key starts with '{prefix}'; {suggestion}sections: {', '.join(sections)}")
+    width = max(len(f"{doc.key} = {doc.default}") for doc in docs)
+    lines = []
+    for doc in docs:
+        allowed = f"  (allowed: {doc.allowed})" if doc.allowed else ""
+        lines.append(f"{f'{doc.key} = {doc.default}':<{width}}  {doc.help}{allowed}")
+    return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """The configuration reference, generated from the schema (used by the README)."""
+    lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{d.key}` | `{d.default}` | {d.allowed} | {d.help} |" for d in config_keys()]
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ from dinoscale.eval.dense import evaluate_dense_backbone
 from dinoscale.eval.dense_data import open_dense_datasets
 from dinoscale.eval.evaluate import evaluate_knn, knn_metrics
 from dinoscale.models import build_backbone, load_backbone
+from dinoscale.models.loading import read_training_record
 from dinoscale.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from dinoscale.train.export import export_run
 from dinoscale.eval.report import read_metrics
@@ -213,8 +214,9 @@ def test_bf16_mixed_precision_trains(workdir):
 
 def test_online_knn_logs_the_teacher_accuracy_every_period(workdir):
     data = workdir / "data"
+    # no eval.image_size: the online k-NN runs at the global crop size, 16 px
     eval_overrides = [f"eval.train_dataset={data / 'eval_train'}", f"eval.val_dataset={data / 'eval_test'}",
-                      "eval.image_size=16", "eval.num_workers=0", "eval.knn_k=[1,3]"]
+                      "eval.num_workers=0", "eval.knn_k=[1,3]"]
     cfg = load_config(str(workdir / "tiny.yaml"), _overrides(workdir, "online_knn", "train.max_iterations=4",
                                                                  "eval.online_knn_period_iterations=2", *eval_overrides))
     exported = train(cfg)
@@ -223,7 +225,7 @@ def test_online_knn_logs_the_teacher_accuracy_every_period(workdir):
     assert [sorted(knn_keys & set(m)) for _, m in sorted(logged.items())] == [[], sorted(knn_keys)] * 2
     # the last one is the k-NN of the teacher the run exports, evaluated on its own
     expected = evaluate_knn(load_backbone(exported), open_pool(data / "eval_train"), open_pool(data / "eval_test"),
-                            load_config(None, eval_overrides).eval)
+                            load_config(None, [*eval_overrides, "eval.image_size=16"]).eval)
     assert {k: logged[3][k] for k in knn_keys} == knn_metrics(expected)
 
 
@@ -280,6 +282,8 @@ def test_compiled_blocks_train_with_the_eager_losses(workdir, single_run):
 def test_export_and_load_backbone_give_identical_features(workdir, single_run):
     exported = load_backbone(single_run / "export" / "teacher.pth").eval()
     re_exported = load_backbone(export_run(single_run, workdir / "re_export.pth")).eval()
+    for path in (single_run / "export" / "teacher.pth", workdir / "re_export.pth"):  # evaluations default to it
+        assert read_training_record(path) == {"global_crops_size": 16, "local_crops_size": 8}
     images = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(exported(images), re_exported(images), rtol=0, atol=0)

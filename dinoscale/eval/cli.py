@@ -35,8 +35,10 @@ def _common(parser: argparse.ArgumentParser, weights: bool = True) -> None:
 
 
 def _datasets(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--train", default=None, help="labelled train images (class sub-folders)")
-    parser.add_argument("--val", default=None, help="labelled val images (class sub-folders)")
+    labelled = ("a folder with one sub-folder per class, a CSV file with `path` and `label` columns, or a .txt list "
+                "of images in class folders")
+    parser.add_argument("--train", default=None, help=f"labelled train images: {labelled}")
+    parser.add_argument("--val", default=None, help=f"labelled val images: {labelled}")
 
 
 def add_eval_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -45,6 +47,11 @@ def add_eval_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     p = sub.add_parser("knn", help="weighted k-NN accuracy (DINO protocol)")
     _common(p)
     _datasets(p)
+    subset = ("a boolean .npy mask over the val items in their order, or a text file of val keys (paths below the "
+              "val dataset), one per line")
+    p.add_argument("--val-subset", default=None, help=f"also score the val images it selects: {subset}")
+    p.add_argument("--val-exclude", default=None, help="also score the val images it does not select (e.g. a "
+                   f"curation dedup stage's contaminated.npy: the val images without a copy in train): {subset}")
     p.set_defaults(handler=_command("cmd_knn"))
     p = sub.add_parser("linear", help="linear probe with a learning-rate / weight-decay grid")
     _common(p)

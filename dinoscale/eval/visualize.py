@@ -158,7 +158,7 @@ def _pick_images(images: LabelledImages, n: int) -> list[Image.Image]:
 
 def render_pictures(model: nn.Module, images: LabelledImages, image_size: int = 224, n_images: int = 6,
                     foreground_threshold: float = 0.0, device: torch.device | None = None,
-                    precision: str = "auto") -> dict[str, bytes]:
+                    precision: str = "auto", resize: str = "center_crop") -> dict[str, bytes]:
     """Two PNG montages, one row per image, tiles of `tile_size(image_size)` pixels:
     `pca` (image | PCA of all patches | foreground | PCA of the foreground) and
     `attention` (image | mean over heads | one map per head)."""
@@ -166,7 +166,7 @@ def render_pictures(model: nn.Module, images: LabelledImages, image_size: int = 
     device = device or default_device()
     was_training = model.training
     model = model.to(device).eval()
-    crops = [eval_crop(image_size)(image) for image in _pick_images(images, n_images)]
+    crops = [eval_crop(image_size, resize)(image) for image in _pick_images(images, n_images)]
     batch = torch.stack([to_model_input()(crop) for crop in crops]).to(device)
     with inference_autocast(device, precision):
         features, attention = forward_with_cls_attention(model, batch)

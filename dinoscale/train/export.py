@@ -5,6 +5,7 @@ whatever number of ranks saved the checkpoint."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from dinoscale.config import load_config
 from dinoscale.errors import CheckpointError
@@ -12,6 +13,11 @@ from dinoscale.models.loading import save_backbone
 from dinoscale.train.checkpoint import latest_checkpoint, load_checkpoint
 from dinoscale.train.ssl import SSLMetaArch
 from dinoscale.utils.io import read_json
+
+
+def training_record(cfg: Any) -> dict[str, int]:
+    """What an export records of its training: the crop sizes (evaluation defaults to the global one)."""
+    return {"global_crops_size": cfg.crops.global_crops_size, "local_crops_size": cfg.crops.local_crops_size}
 
 
 def export_run(run_dir: str | Path, out: str | Path) -> Path:
@@ -25,5 +31,5 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     meta = read_json(checkpoint / "meta.json")
     model = SSLMetaArch(cfg, global_batch_size=meta["global_batch"])
     load_checkpoint(checkpoint, model, optimizer=None)
-    save_backbone(model.teacher.backbone, out)
+    save_backbone(model.teacher.backbone, out, training=training_record(cfg))
     return out

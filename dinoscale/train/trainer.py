@@ -31,14 +31,18 @@ from dinoscale.eval.dense import online_dense
 from dinoscale.eval.dense_data import open_dense_datasets
 from dinoscale.eval.evaluate import online_knn, open_labelled
 from dinoscale.eval.features import LabelledImages
+from dinoscale.eval.resolution import at_training_resolution
 from dinoscale.models.loading import load_backbone, meta_backbone, save_backbone
 from dinoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dinoscale.train.distributed import DistInfo, barrier, process_group
+from dinoscale.train.export import training_record
 from dinoscale.train.metrics import (MetricsLogger, backbone_forward_flops, head_forward_flops, measure_matmul_peak,
                                      peak_memory_mb)
 from dinoscale.train.optim import apply_schedules, build_optimizer, clip_gradients
 from dinoscale.train.parallel import parallelize
+from dinoscale.train.schedules import schedule_iterations, schedule_warnings
 from dinoscale.train.ssl import SSLMetaArch
+from dinoscale.train.throughput import ThroughputWindow
 from dinoscale.utils.device import autocast_dtype
 from dinoscale.utils.io import write_text
 from dinoscale.utils.logging import get_logger
@@ -86,7 +90,7 @@ def build_stream(cfg: DictConfig, dist_info: DistInfo, start_step: int) -> Batch
 
 
 def total_iterations(cfg: DictConfig) -> int:
-    full = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
+    full = schedule_iterations(cfg)
     return min(full, cfg.train.max_iterations) if cfg.train.max_iterations else full
 
 
@@ -142,10 +146,10 @@ def _gathered_teacher_weights(model: SSLMetaArch, cpu_offload: bool = False) -> 
 
 
 def export_teacher(model: SSLMetaArch, path: Path, is_main: bool) -> None:
-    """Gather the teacher backbone and write it in the official layout."""
+    """Gather the teacher backbone and write it in the official layout, with its training record."""
     full = _gathered_teacher_weights(model, cpu_offload=True)
     if is_main:
-        save_backbone(model.teacher.backbone, path, state_dict=full)
+        save_backbone(model.teacher.backbone, path, state_dict=full, training=training_record(model.cfg))
 
 
 def plain_teacher_backbone(model: SSLMetaArch) -> torch.nn.Module:
@@ -223,12 +227,16 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
         log.info("resumed from %s at iteration %d", checkpoint, start)
 
     n_iterations = total_iterations(cfg)
+    if dist_info.is_main:
+        for problem in schedule_warnings(model.schedules, n_iterations):
+            log.warning(problem)
     metrics_log = MetricsLogger(run_dir, enabled=dist_info.is_main)
     peak_flops = cfg.train.peak_flops or measure_matmul_peak(dist_info.device, compute_dtype or torch.float32)
     batches = iter(make_loader(build_stream(cfg, dist_info, start), cfg.train.num_workers))
     autocast = torch.autocast(dist_info.device.type, dtype=compute_dtype or torch.bfloat16,
                               enabled=compute_dtype is not None)
     knn_period = cfg.eval.online_knn_period_iterations
+    speed = ThroughputWindow(cfg.train.log_period_iterations)
     labelled = (open_labelled(cfg.eval.train_dataset, "train"),
                 open_labelled(cfg.eval.val_dataset, "val")) if knn_period else None
     dense_period = cfg.eval.online_dense_period_iterations
@@ -238,13 +246,15 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
         for iteration in range(start, n_iterations):
             step_start, cpu_start = time.perf_counter(), time.process_time()
             batch = next(batches)
+            data_seconds = time.perf_counter() - step_start
             metrics = train_step(model, optimizer, batch, iteration, cfg, autocast, dist_info.rank, run_dir)
             seconds = time.perf_counter() - step_start
+            flops = step_flops(model, batch)
             # cpu_seconds / seconds: how many cores the step kept busy (data-loader workers not counted)
-            metrics.update(seconds=seconds, cpu_seconds=time.process_time() - cpu_start,
-                           images_per_s=global_batch / seconds, peak_flops=peak_flops,
-                           mfu=step_flops(model, batch) / seconds / peak_flops,
-                           peak_memory_mb=peak_memory_mb(dist_info.device))
+            metrics.update(seconds=seconds, data_seconds=data_seconds, cpu_seconds=time.process_time() - cpu_start,
+                           images_per_s=global_batch / seconds, peak_flops=peak_flops, mfu=flops / seconds / peak_flops,
+                           peak_memory_mb=peak_memory_mb(dist_info.device),
+                           **speed.add(global_batch, seconds, data_seconds, flops, peak_flops))
             if knn_period and (iteration + 1) % knn_period == 0:
                 metrics.update(teacher_knn(model, labelled, cfg, dist_info.device))
                 log.info("it %d: teacher k-NN top-1 %s", iteration,
@@ -255,8 +265,10 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
                 log.info("it %d: teacher dense probes %s", iteration, {k: round(v, 3) for k, v in dense.items()})
             metrics_log.log(metrics)
             if iteration % cfg.train.log_period_iterations == 0:
-                log.info("it %d/%d loss %.4f  %.1f img/s  mfu %.1f%%", iteration, n_iterations,
-                         metrics["total_loss"], metrics["images_per_s"], 100 * metrics["mfu"])
+                log.info("it %d/%d loss %.4f  %.1f img/s  mfu %.1f%%  data wait %.0f%% (last %d it)", iteration,
+                         n_iterations, metrics["total_loss"], metrics["images_per_s_window"],
+                         100 * metrics["mfu_window"], 100 * metrics["data_wait_share_window"],
+                         metrics["window_iterations"])
 
             stopping = guard.sync()
             last = iteration == n_iterations - 1
