@@ -143,7 +143,7 @@ def dense_sections(result: DenseResult, cfg: DictConfig, what: str) -> list[Sect
 
 
 def cmd_dense(args: argparse.Namespace) -> None:
-    cfg = _config(args)
+    cfg, _ = _config(args)  # the dense probes resize to eval.dense.image_size
     for role in ("train", "val"):
         for option, key in (("", "dataset"), ("_masks", "masks"), ("_depth", "depth")):
             value = getattr(args, f"{role}{option}", None)
@@ -154,7 +154,7 @@ def cmd_dense(args: argparse.Namespace) -> None:
                                      n_pictures=cfg.eval.dense.n_pictures)
     summary = ", ".join(f"{k} {v:.3g}" for k, v in result.metrics().items())
     _finish(args.out, "Dense evaluation", dense_sections(result, cfg, f"Weights {args.weights}"),
-            {**_setup(args, cfg), "dense": result.as_dict()}, summary)
+            {**_setup(args, cfg, None), "dense": result.as_dict()}, summary)
 
 
 def cmd_visualize(args: argparse.Namespace) -> None:

@@ -210,7 +210,7 @@ def extract_features(model: nn.Module, images: LabelledImages, image_size: int =
     device = device or default_device()
     was_training = model.training
     model = model.to(device).eval()
-    dataset = _ResizedImages(images, _slice_of_rank(len(images)), eval_crop(image_size, resize), image_size)
+    dataset = _ResizedImages(images, slice_of_rank(len(images)), eval_crop(image_size, resize), image_size)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     cls_rows, patch_rows, kept = [], [], []
     for batch, indices, valid in progress(loader, desc=desc, total=len(loader)):
