@@ -163,7 +163,7 @@ def plain_teacher_backbone(model: SSLMetaArch) -> torch.nn.Module:
 def teacher_knn(model: SSLMetaArch, labelled: tuple[LabelledImages, LabelledImages], cfg: DictConfig,
                 device: torch.device) -> dict[str, float]:
     """k-NN metrics of the EMA teacher's backbone on the labelled eval sets."""
-    return online_knn(plain_teacher_backbone(model), *labelled, cfg.eval, device)
+    return online_knn(plain_teacher_backbone(model), *labelled, at_training_resolution(cfg), device)
 
 
 def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict, iteration: int, cfg: DictConfig,
