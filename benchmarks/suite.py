@@ -184,6 +184,31 @@ def summarise_curation(out: dict) -> list[Row]:
     ]
 
 
+def summarise_dense(out: dict) -> list[Row]:
+    reps = out["representations"]
+    teacher = reps["trained teacher"]
+    rows = []
+    for baseline in ("random init", "raw pixels"):
+        other = reps[baseline]
+        rows += [Row("segmentation mIoU of the demo's teacher, %", teacher["segmentation_miou"], baseline,
+                     other["segmentation_miou"], teacher["segmentation_miou"] / other["segmentation_miou"]),
+                 Row("depth RMSE of the demo's teacher, m", teacher["depth_rmse"], baseline, other["depth_rmse"],
+                     other["depth_rmse"] / teacher["depth_rmse"])]
+    comparison = out.get("gram_comparison")
+    if comparison:
+        seeds = len(comparison["seeds"])
+        with_gram, without = comparison["with_gram"], comparison["without_gram"]
+        for key, figure, lower_is_better in (
+                ("segmentation_miou", "segmentation mIoU, %", False), ("depth_rmse", "depth RMSE, m", True),
+                (f"knn_top1_k{out['knn_k']}", f"k-NN@{out['knn_k']} top-1, %", False)):
+            w, wo = with_gram[key], without[key]
+            rows.append(Row(f"{figure}, with Gram anchoring ({seeds} seeds: mean, range)",
+                            f"{w['mean']:.3g} ({w['min']:.3g}–{w['max']:.3g})",
+                            f"without Gram ({wo['min']:.3g}–{wo['max']:.3g})", wo["mean"],
+                            wo["mean"] / w["mean"] if lower_is_better else w["mean"] / wo["mean"]))
+    return rows
+
+
 def _exponents(out: dict, name: str) -> str:
     wall, cpu = out[f"{name}_growth_exponent"], out[f"{name}_cpu_growth_exponent"]
     return "needs two sizes" if wall is None else f"{wall:.2f} (CPU time {cpu:.2f})"
@@ -210,6 +235,9 @@ BENCHMARKS = {
     "eval_files": Benchmark("benchmarks.bench_eval", {
         "quick": ["--parts", "files", "--files", "64", "--rounds", "1"],
         "default": ["--parts", "files", "--files", "800", "--rounds", "3"]}, summarise_eval_files),
+    "dense": Benchmark("benchmarks.bench_dense", {
+        "quick": ["--quick", "--gram-seeds"],
+        "default": ["--gram-seeds", "0", "1"]}, summarise_dense),
     "curation": Benchmark("benchmarks.bench_curation", {
         "quick": ["--max-n", "10000", "--baseline-max-n", "10000"],
         "default": ["--max-n", "100000", "--baseline-max-n", "100000"],

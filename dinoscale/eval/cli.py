@@ -1,4 +1,4 @@
-"""`dinoscale eval knn|linear|visualize|report`: evaluate a backbone and write a report.
+"""`dinoscale eval knn|linear|dense|visualize|report`: evaluate a backbone and write a report.
 
 Each command writes `report.json`, `report.md` (with its PNGs) and a self-contained
 `report.html` into --out. Config overrides (`eval.image_size=224 eval.knn_k=[10,20]`) follow
@@ -42,7 +42,7 @@ def _datasets(parser: argparse.ArgumentParser) -> None:
 
 
 def add_eval_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the knn / linear / visualize / report sub-commands to `parser`; each sets `handler`."""
+    """Add the knn / linear / dense / visualize / report sub-commands to `parser`; each sets `handler`."""
     sub = parser.add_subparsers(dest="eval_command", required=True)
     p = sub.add_parser("knn", help="weighted k-NN accuracy (DINO protocol)")
     _common(p)
@@ -57,6 +57,15 @@ def add_eval_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     _common(p)
     _datasets(p)
     p.set_defaults(handler=_command("cmd_linear"))
+    p = sub.add_parser("dense", help="linear segmentation and depth probes on patch features")
+    _common(p)
+    for role in ("train", "val"):
+        p.add_argument(f"--{role}", default=None, help=f"{role} images (sets eval.dense.{role}_dataset)")
+        p.add_argument(f"--{role}-masks", default=None, help=f"segmentation masks of the {role} images, PNGs with "
+                       f"the images' relative stems (sets eval.dense.{role}_masks)")
+        p.add_argument(f"--{role}-depth", default=None, help=f"depth maps of the {role} images, 16-bit PNGs or "
+                       f".npy (sets eval.dense.{role}_depth)")
+    p.set_defaults(handler=_command("cmd_dense"))
     p = sub.add_parser("visualize", help="PCA and attention pictures of a few images")
     _common(p)
     p.add_argument("--images", default=None, help="images to draw (default: eval.val_dataset)")

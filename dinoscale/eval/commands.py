@@ -1,4 +1,4 @@
-"""The bodies of `dinoscale eval knn|linear|visualize|report` (argument parsing is in `cli`).
+"""The bodies of `dinoscale eval knn|linear|dense|visualize|report` (argument parsing is in `cli`).
 
 Each command writes `report.json`, `report.md` (with its PNGs) and a self-contained
 `report.html` into --out; only rank 0 writes.
@@ -16,11 +16,13 @@ from dinoscale.config import load_config
 from dinoscale.data.pool import open_pool
 from dinoscale.errors import DataError
 from dinoscale.eval.cli import METRICS_FILE
+from dinoscale.eval.dense import DenseResult, evaluate_dense_backbone
+from dinoscale.eval.dense_data import open_dense_datasets
 from dinoscale.eval.evaluate import (ALL_VAL, evaluate_knn_subsets, evaluate_linear, knn_over_checkpoints,
                                      open_labelled, read_key_subset)
 from dinoscale.eval.report import Section, knn_history, plot_knn_curve, plot_loss_curves, read_metrics, write_report
 from dinoscale.eval.resolution import EvalResolution, eval_resolution
-from dinoscale.eval.visualize import render_pictures
+from dinoscale.eval.visualize import render_dense_pictures, render_pictures, tile_size
 from dinoscale.losses.distributed import rank
 from dinoscale.models.loading import load_backbone
 
@@ -99,6 +101,60 @@ def cmd_linear(args: argparse.Namespace) -> None:
                f"wd {result.weight_decay:g})")
     _finish(args.out, "Linear probe", [Section("Linear probe", text, grid)],
             {**_setup(args, cfg, resolution), "linear": result.as_dict()}, summary)
+
+
+def dense_sections(result: DenseResult, cfg: DictConfig, what: str) -> list[Section]:
+    """Report sections of a dense evaluation of `what` (the weights, or a model's name): scores, grids, pictures."""
+    dense = cfg.eval.dense
+    sections = []
+    for name, probe in (("segmentation", result.segmentation), ("depth", result.depth)):
+        if probe is None:
+            continue
+        scores = probe.scores
+        if name == "segmentation":
+            table = [["mIoU (%)", "pixel accuracy (%)", "mean class accuracy (%)", "classes"],
+                     [f"{scores['miou']:.2f}", f"{scores['pixel_accuracy']:.2f}", f"{scores['mean_accuracy']:.2f}",
+                      str(result.n_classes)]]
+            title = "Linear segmentation"
+        else:
+            table = [["RMSE", "δ1 (%)", "AbsRel"],
+                     [f"{scores['rmse']:.3f}", f"{scores['delta1']:.2f}", f"{scores['abs_rel']:.3f}"]]
+            title = "Linear depth"
+        held_out = next(k for k in probe.grid[0] if k.startswith("val_"))
+        grid = ", ".join(f"lr {p['lr']:g} wd {p['weight_decay']:g}: {p[held_out]:.3g}" for p in probe.grid)
+        text = (f"{what}; patch tokens ({dense.backbone_out_layers}{', with CLS' if dense.use_cls_token else ''}) "
+                f"at {dense.image_size} px, a linear layer per patch, outputs upsampled bilinearly to each label map. "
+                f"Grid point chosen on {probe.n_val} held-out train images (their "
+                f"{'mIoU' if name == 'segmentation' else 'RMSE'} per point: {grid}), retrained on "
+                f"all {probe.n_train}, scored on {probe.n_test} val images "
+                f"(lr {probe.lr:g}, weight decay {probe.weight_decay:g}).")
+        sections.append(Section(title, text, table))
+    skipped = {role: counts for role, counts in result.skipped.items() if counts}
+    if skipped:
+        sections.append(Section("Images left out", "; ".join(
+            f"{role}: " + ", ".join(f"{n} x {kind}" for kind, n in counts.items()) for role, counts in skipped.items())))
+    if result.pictures:
+        png = render_dense_pictures(result.pictures, dense.ignore_index, dense.min_depth, dense.max_depth,
+                                    tile_size(dense.image_size))
+        sections.append(Section("Dense predictions", "Val images with their true and predicted masks (one colour "
+                                "per class, white: ignored) and depth (near: dark; scale of the true depth).",
+                                images={"dense predictions": png}))
+    return sections
+
+
+def cmd_dense(args: argparse.Namespace) -> None:
+    cfg, _ = _config(args)  # the dense probes resize to eval.dense.image_size
+    for role in ("train", "val"):
+        for option, key in (("", "dataset"), ("_masks", "masks"), ("_depth", "depth")):
+            value = getattr(args, f"{role}{option}", None)
+            if value:
+                cfg.eval.dense[f"{role}_{key}"] = value
+    train, val = open_dense_datasets(cfg.eval.dense)
+    result = evaluate_dense_backbone(load_backbone(args.weights, args.arch), train, val, cfg.eval, seed=cfg.seed,
+                                     n_pictures=cfg.eval.dense.n_pictures)
+    summary = ", ".join(f"{k} {v:.3g}" for k, v in result.metrics().items())
+    _finish(args.out, "Dense evaluation", dense_sections(result, cfg, f"Weights {args.weights}"),
+            {**_setup(args, cfg, None), "dense": result.as_dict()}, summary)
 
 
 def cmd_visualize(args: argparse.Namespace) -> None:

@@ -169,12 +169,12 @@ class _ResizedImages(Dataset):
         return torch.from_numpy(np.array(self.crop(image), dtype=np.uint8)).permute(2, 0, 1), index, True
 
 
-def _slice_of_rank(n: int) -> range:
+def slice_of_rank(n: int) -> range:
     r, w = rank(), world_size()
     return range(r * n // w, (r + 1) * n // w)
 
 
-def _all_gather_rows(local: torch.Tensor, device: torch.device) -> torch.Tensor:
+def all_gather_rows(local: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Every rank's rows (CPU) concatenated in rank order; ranks may hold different row counts.
 
     Rows travel in blocks so device memory stays bounded whatever the pool size.
@@ -210,7 +210,7 @@ def extract_features(model: nn.Module, images: LabelledImages, image_size: int =
     device = device or default_device()
     was_training = model.training
     model = model.to(device).eval()
-    dataset = _ResizedImages(images, _slice_of_rank(len(images)), eval_crop(image_size, resize), image_size)
+    dataset = _ResizedImages(images, slice_of_rank(len(images)), eval_crop(image_size, resize), image_size)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     cls_rows, patch_rows, kept = [], [], []
     for batch, indices, valid in progress(loader, desc=desc, total=len(loader)):
@@ -223,9 +223,9 @@ def extract_features(model: nn.Module, images: LabelledImages, image_size: int =
         kept.append(indices[valid])
     model.train(was_training)
     empty = torch.zeros(0, model.embed_dim)
-    cls = _all_gather_rows(torch.cat(cls_rows) if cls_rows else empty, device)
-    patch_mean = _all_gather_rows(torch.cat(patch_rows) if patch_rows else empty, device)
-    index = _all_gather_rows(torch.cat(kept), device)
+    cls = all_gather_rows(torch.cat(cls_rows) if cls_rows else empty, device)
+    patch_mean = all_gather_rows(torch.cat(patch_rows) if patch_rows else empty, device)
+    index = all_gather_rows(torch.cat(kept), device)
     if len(index) == 0:
         raise DataError(f"no image of the {desc} dataset could be read")
     if len(index) < len(images):

@@ -4,8 +4,9 @@ One loop for every scale: FSDP2 shards the student, the EMA teacher and the Gram
 the ranks (a single process is a world of one, sharded the same way, so it computes in the same
 precision); bf16 compute with fp32 master weights and residual stream where the hardware has it;
 a deterministic batch stream; DCP checkpoints every N iterations and on SIGTERM/SIGUSR2; JSONL
-metrics with images/s and MFU, and the EMA teacher's k-NN accuracy every
-eval.online_knn_period_iterations; a NaN/inf guard that names the term and keeps the last good
+metrics with images/s and MFU, the EMA teacher's k-NN accuracy every
+eval.online_knn_period_iterations and its dense-probe scores every
+eval.online_dense_period_iterations; a NaN/inf guard that names the term and keeps the last good
 checkpoint; and the teacher backbone exported at the end.
 """
 
@@ -26,6 +27,8 @@ from dinoscale.data.masking import MaskingGenerator
 from dinoscale.data.pool import open_pool
 from dinoscale.data.stream import BatchStream, Source, make_loader
 from dinoscale.errors import ConfigError, DinoscaleError
+from dinoscale.eval.dense import online_dense
+from dinoscale.eval.dense_data import open_dense_datasets
 from dinoscale.eval.evaluate import online_knn, open_labelled
 from dinoscale.eval.features import LabelledImages
 from dinoscale.eval.resolution import at_training_resolution
@@ -149,14 +152,18 @@ def export_teacher(model: SSLMetaArch, path: Path, is_main: bool) -> None:
         save_backbone(model.teacher.backbone, path, state_dict=full, training=training_record(model.cfg))
 
 
-def teacher_knn(model: SSLMetaArch, labelled: tuple[LabelledImages, LabelledImages], cfg: DictConfig,
-                device: torch.device) -> dict[str, float]:
-    """k-NN metrics of the EMA teacher's backbone on the labelled eval sets: the backbone is gathered
-    whole into a plain copy on every rank (a collective), and the feature extraction shares the
-    images out over the ranks."""
+def plain_teacher_backbone(model: SSLMetaArch) -> torch.nn.Module:
+    """The EMA teacher's backbone gathered whole into a plain copy on every rank (a collective), for
+    the online evaluations, whose feature extraction shares the images out over the ranks."""
     backbone = meta_backbone(model.teacher.backbone.spec)
     backbone.load_state_dict(_gathered_teacher_weights(model), assign=True)
-    return online_knn(backbone, *labelled, at_training_resolution(cfg), device)
+    return backbone
+
+
+def teacher_knn(model: SSLMetaArch, labelled: tuple[LabelledImages, LabelledImages], cfg: DictConfig,
+                device: torch.device) -> dict[str, float]:
+    """k-NN metrics of the EMA teacher's backbone on the labelled eval sets."""
+    return online_knn(plain_teacher_backbone(model), *labelled, at_training_resolution(cfg), device)
 
 
 def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, batch: dict, iteration: int, cfg: DictConfig,
@@ -232,6 +239,8 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
     speed = ThroughputWindow(cfg.train.log_period_iterations)
     labelled = (open_labelled(cfg.eval.train_dataset, "train"),
                 open_labelled(cfg.eval.val_dataset, "val")) if knn_period else None
+    dense_period = cfg.eval.online_dense_period_iterations
+    dense_sets = open_dense_datasets(cfg.eval.dense) if dense_period else None
 
     with PreemptionGuard() as guard:  # SIGTERM / SIGUSR2: checkpoint at the end of the step, then stop
         for iteration in range(start, n_iterations):
@@ -250,6 +259,10 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
                 metrics.update(teacher_knn(model, labelled, cfg, dist_info.device))
                 log.info("it %d: teacher k-NN top-1 %s", iteration,
                          {k: round(v, 2) for k, v in metrics.items() if k.startswith("knn_top1")})
+            if dense_period and (iteration + 1) % dense_period == 0:
+                dense = online_dense(plain_teacher_backbone(model), dense_sets, cfg.eval, dist_info.device)
+                metrics.update(dense)
+                log.info("it %d: teacher dense probes %s", iteration, {k: round(v, 3) for k, v in dense.items()})
             metrics_log.log(metrics)
             if iteration % cfg.train.log_period_iterations == 0:
                 log.info("it %d/%d loss %.4f  %.1f img/s  mfu %.1f%%  data wait %.0f%% (last %d it)", iteration,
