@@ -141,6 +141,26 @@ def summarise_eval(out: dict) -> list[Row]:
     ]
 
 
+def summarise_eval_files(out: dict) -> list[Row]:
+    """Feature extraction from image files against the per-image torchvision transform, and the resize
+    done per image (PIL) against a batched torch resize."""
+    files = out["files"]
+    if "skipped" in files:
+        return [Row("eval features from image files", files["skipped"])]
+    baseline = files["per_image_transform"]
+    rows = []
+    for workers in ("0", "2"):
+        r = files[f"dinoscale_{workers}_workers"]
+        rows.append(Row(f"eval features, {files['images']} icon files at {files['image_size']} px, {workers} workers, "
+                        "img/s", r["images_per_s"], "per-image torchvision transform, 1 process",
+                        baseline["images_per_s"], r["speedup_vs_per_image_transform"],
+                        r.get("cpu_speedup_vs_per_image_transform")))
+    for case, r in files["resize"].items():
+        rows.append(Row(f"eval resize {case.replace('_', ' ')}, PIL per image, CPU us/img", r["pil_per_image_us"],
+                        "torch, whole batch at once", r["torch_batched_us"], 1 / r["batched_speedup"]))
+    return rows
+
+
 def summarise_curation(out: dict) -> list[Row]:
     rows = []
     for r in out["results"]:
@@ -181,6 +201,31 @@ def summarise_build(out: dict) -> list[Row]:
     return rows
 
 
+def summarise_dense(out: dict) -> list[Row]:
+    reps = out["representations"]
+    teacher = reps["trained teacher"]
+    rows = []
+    for baseline in ("random init", "raw pixels"):
+        other = reps[baseline]
+        rows += [Row("segmentation mIoU of the demo's teacher, %", teacher["segmentation_miou"], baseline,
+                     other["segmentation_miou"], teacher["segmentation_miou"] / other["segmentation_miou"]),
+                 Row("depth RMSE of the demo's teacher, m", teacher["depth_rmse"], baseline, other["depth_rmse"],
+                     other["depth_rmse"] / teacher["depth_rmse"])]
+    comparison = out.get("gram_comparison")
+    if comparison:
+        seeds = len(comparison["seeds"])
+        with_gram, without = comparison["with_gram"], comparison["without_gram"]
+        for key, figure, lower_is_better in (
+                ("segmentation_miou", "segmentation mIoU, %", False), ("depth_rmse", "depth RMSE, m", True),
+                (f"knn_top1_k{out['knn_k']}", f"k-NN@{out['knn_k']} top-1, %", False)):
+            w, wo = with_gram[key], without[key]
+            rows.append(Row(f"{figure}, with Gram anchoring ({seeds} seeds: mean, range)",
+                            f"{w['mean']:.3g} ({w['min']:.3g}–{w['max']:.3g})",
+                            f"without Gram ({wo['min']:.3g}–{wo['max']:.3g})", wo["mean"],
+                            wo["mean"] / w["mean"] if lower_is_better else w["mean"] / wo["mean"]))
+    return rows
+
+
 def _exponents(out: dict, name: str) -> str:
     wall, cpu = out[f"{name}_growth_exponent"], out[f"{name}_cpu_growth_exponent"]
     return "needs two sizes" if wall is None else f"{wall:.2f} (CPU time {cpu:.2f})"
@@ -200,8 +245,16 @@ BENCHMARKS = {
         "quick": ["--images", "8", "--batch-size", "8"],
         "default": ["--images", "64", "--batch-size", "32"]}, summarise_embed),
     "eval": Benchmark("benchmarks.bench_eval", {
-        "quick": ["--bank", "5000", "--queries", "200", "--images", "8", "--image-size", "64"],
-        "default": ["--bank", "100000", "--queries", "2000", "--images", "32"]}, summarise_eval),
+        "quick": ["--bank", "5000", "--queries", "200", "--images", "8", "--image-size", "64",
+                  "--parts", "knn", "features", "linear"],
+        "default": ["--bank", "100000", "--queries", "2000", "--images", "32", "--parts", "knn", "features",
+                    "linear"]}, summarise_eval),
+    "eval_files": Benchmark("benchmarks.bench_eval", {
+        "quick": ["--parts", "files", "--files", "64", "--rounds", "1"],
+        "default": ["--parts", "files", "--files", "800", "--rounds", "3"]}, summarise_eval_files),
+    "dense": Benchmark("benchmarks.bench_dense", {
+        "quick": ["--quick", "--gram-seeds"],
+        "default": ["--gram-seeds", "0", "1"]}, summarise_dense),
     "curation": Benchmark("benchmarks.bench_curation", {
         "quick": ["--max-n", "10000", "--baseline-max-n", "10000"],
         "default": ["--max-n", "100000", "--baseline-max-n", "100000"],
@@ -246,11 +299,13 @@ def run_suite(benchmarks: dict[str, Benchmark], names: list[str], mode: str, out
         old = read_json(previous)
         if {k: old["machine"].get(k) for k in ("cpu", "cores", "memory_gib")} == \
                 {k: machine[k] for k in ("cpu", "cores", "memory_gib")}:
-            results["benchmarks"] = {k: v for k, v in old["benchmarks"].items() if k in benchmarks}
+            results["benchmarks"] = {k: {"cpu_capability": old["machine"]["cpu_capability"], **v}
+                                     for k, v in old["benchmarks"].items() if k in benchmarks}
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
         print(f"[bench] {name} ({mode}) ...", file=sys.stderr, flush=True)
-        entry = results["benchmarks"][name] = run_benchmark(benchmarks[name], mode, timeout)
+        entry = results["benchmarks"][name] = {**run_benchmark(benchmarks[name], mode, timeout),
+                                               "cpu_capability": machine["cpu_capability"]}
         print(f"[bench] {name}: {'failed: ' + entry['error'] if 'error' in entry else 'done'} in {entry['seconds']} s",
               file=sys.stderr, flush=True)
         write_json(out_dir / "results.json", results)
@@ -293,8 +348,11 @@ def render_markdown(results: dict, benchmarks: dict[str, Benchmark]) -> str:
         entry = results["benchmarks"].get(name)
         if entry is None:
             continue
+        # kept entries may come from a run on another machine of the same CPU model, cores and memory
+        other_cpu = entry.get("cpu_capability", m["cpu_capability"]) != m["cpu_capability"]
         label = (f"`{name}` ({entry['mode']}, {entry['seconds'] / 60:.1f} min, "
-                 f"load {entry['load_average_start']:.1f}→{entry['load_average_end']:.1f})")
+                 f"load {entry['load_average_start']:.1f}→{entry['load_average_end']:.1f}"
+                 f"{', ' + entry['cpu_capability'] + ' CPU' if other_cpu else ''})")
         if "error" in entry:
             lines.append(f"| {label} | **failed**: `{entry['error'].replace('|', '/')}` | | | | | |")
             continue

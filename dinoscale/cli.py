@@ -26,9 +26,17 @@ def _add_config_args(parser: argparse.ArgumentParser, preset_required: bool = Tr
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from dinoscale.config import list_presets, load_config
+    from dinoscale.config import keys_text, list_presets, load_config
 
+    if args.action == "keys":
+        if args.overrides:
+            raise DinoscaleError("`dinoscale config keys` takes one key prefix, e.g. `dinoscale config keys optim`")
+        print(keys_text(args.config or ""))
+        return
     if args.action == "list":
+        if args.config:
+            raise DinoscaleError(f"`dinoscale config list` lists the presets and takes no argument; for the keys "
+                                 f"under '{args.config}' run `dinoscale config keys {args.config}`")
         print("\n".join(list_presets()))
         return
     if not args.config:
@@ -87,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinoscale", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("config", help="list presets or print a resolved config")
-    p.add_argument("action", choices=["show", "list"])
+    p = sub.add_parser("config", help="list presets (list), every key with its default and meaning (keys "
+                                      "[PREFIX]), or print a resolved config (show PRESET [overrides])")
+    p.add_argument("action", choices=["show", "list", "keys"])
     _add_config_args(p, preset_required=False)
     p.set_defaults(handler=cmd_config)
 

@@ -214,25 +214,58 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def reference_markdown() -> str:
-    """The configuration reference, generated from the schema (used by the README)."""
-    lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+@dataclass(frozen=True)
+class KeyDoc:
+    """One config key as the reference shows it: dotted key, default (JSON), allowed values, meaning."""
 
-    def walk(node: Any, prefix: str) -> None:
+    key: str
+    default: str
+    allowed: str
+    help: str
+
+
+def config_keys(prefix: str = "") -> list[KeyDoc]:
+    """Every key of the schema whose dotted name starts with `prefix`, in schema order."""
+    docs: list[KeyDoc] = []
+
+    def walk(node: Any, path: str) -> None:
         instance, types = node(), _field_types(node)
         for f in dataclasses.fields(node):
             ftype = types[f.name]
             if dataclasses.is_dataclass(ftype):
-                walk(ftype, f"{prefix}{f.name}.")
+                walk(ftype, f"{path}{f.name}.")
                 continue
             meta = f.metadata
             allowed = ", ".join(map(str, meta["choices"])) if meta.get("choices") else ""
             if meta.get("min") is not None or meta.get("max") is not None:
                 allowed = f"[{meta.get('min', '')}, {meta.get('max', '')}]".replace("None", "")
             default = json.dumps(getattr(instance, f.name), default=lambda o: dataclasses.asdict(o))
-            lines.append(f"| `{prefix}{f.name}` | `{default}` | {allowed} | {meta.get('help', '')} |")
+            docs.append(KeyDoc(f"{path}{f.name}", default, allowed, meta.get("help", "")))
 
     walk(Config, "")
+    return [doc for doc in docs if doc.key.startswith(prefix)]
+
+
+def keys_text(prefix: str = "") -> str:
+    """`dinoscale config keys [PREFIX]`: one line per key (key = default, allowed values, meaning)."""
+    docs = config_keys(prefix)
+    if not docs:
+        sections = sorted({doc.key.split(".")[0] for doc in config_keys()})
+        hint = difflib.get_close_matches(prefix.split(".")[0], sections, n=1)
+        suggestion = f"did you mean '{hint[0]}'? " if hint else ""
+        raise ConfigError(f"no config key starts with '{prefix}'; {suggestion}sections: {', '.join(sections)}")
+    width = max(len(f"{doc.key} = {doc.default}") for doc in docs)
+    lines = []
+    for doc in docs:
+        allowed = f"  (allowed: {doc.allowed})" if doc.allowed else ""
+        lines.append(f"{f'{doc.key} = {doc.default}':<{width}}  {doc.help}{allowed}")
+    return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """The configuration reference, generated from the schema (used by the README)."""
+    lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{d.key}` | `{d.default}` | {d.allowed} | {d.help} |" for d in config_keys()]
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from benchmarks.suite import Benchmark, Row, add_arguments, refresh_readme, render_markdown, run_suite
 from dinoscale.cli import build_parser
-from dinoscale.utils.io import read_json
+from dinoscale.utils.io import read_json, write_json
 
 ROOT = Path(__file__).parents[1]
 
@@ -47,10 +47,18 @@ def test_suite_keeps_each_result_reports_failures_and_merges(tmp_path, monkeypat
     assert "| arguments | --size 1 |" in table
     assert "| **failed**: `ValueError: no readable image in the pool` |" in table
 
+    previous = read_json(out / "results.json")  # as if measured on a CPU of the same model with other features
+    previous["machine"]["cpu_capability"] = "OTHER"
+    for entry in previous["benchmarks"].values():
+        del entry["cpu_capability"]  # results.json files written before entries recorded it
+    write_json(out / "results.json", previous)
     run_suite(fakes, ["ok"], "default", out, timeout=120)  # a re-run of one keeps the other's entry
     results = read_json(out / "results.json")
     assert results["benchmarks"]["ok"]["result"]["argv"] == ["--size", "9"]
     assert "error" in results["benchmarks"]["broken"]
+    table = (out / "results.md").read_text()  # the kept entry says which CPU it was measured on
+    assert "OTHER CPU)" in next(line for line in table.splitlines() if line.startswith("| `broken`"))
+    assert "CPU)" not in next(line for line in table.splitlines() if line.startswith("| `ok`"))
 
 
 def test_refresh_readme_replaces_only_the_block(tmp_path):

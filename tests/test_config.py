@@ -82,3 +82,43 @@ def test_readme_reference_is_generated_from_the_schema():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     block = readme.split("<!-- config-reference:start -->\n")[1].split("<!-- config-reference:end -->")[0]
     assert block.strip() == reference_markdown().strip(), "regenerate it: python -m dinoscale.config"
+
+
+def _schema_keys(node=None, prefix=""):
+    """Every leaf key of the schema, enumerated here from the dataclasses themselves."""
+    import dataclasses
+    import typing
+
+    from dinoscale import config as schema
+
+    node = node or schema.Config
+    hints = typing.get_type_hints(node)  # each section resolves its annotations in its own module
+    keys = []
+    for f in dataclasses.fields(node):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _schema_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def test_config_keys_prints_every_schema_key_with_default_and_help(capsys):
+    assert main(["config", "keys"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    keys = _schema_keys()
+    assert len(keys) > 150 and [line.split(" = ")[0] for line in lines] == keys
+    by_key = {line.split(" = ")[0]: line for line in lines}
+    assert by_key["optim.warmup_epochs"].split()[:3] == ["optim.warmup_epochs", "=", "10"]
+    assert "epochs of linear learning-rate warm-up" in by_key["optim.warmup_epochs"]
+    assert "(allowed: [0, ])" in by_key["optim.warmup_epochs"]
+    assert "(allowed: centering, sinkhorn_knopp, none)" in by_key["train.centering"]
+
+
+def test_config_keys_filters_by_prefix_and_names_the_sections_of_a_wrong_one(capsys):
+    assert main(["config", "keys", "curation.dedup"]) == 0
+    printed = [line.split(" = ")[0] for line in capsys.readouterr().out.splitlines()]
+    assert printed == [k for k in _schema_keys() if k.startswith("curation.dedup")] and len(printed) == 7
+    assert main(["config", "keys", "optm"]) == 2
+    assert "did you mean 'optim'?" in capsys.readouterr().err
+    assert main(["config", "list", "optim"]) == 2
+    assert "dinoscale config keys optim" in capsys.readouterr().err

@@ -24,7 +24,12 @@ def test_quick_demo_writes_a_summary_and_a_self_contained_report(demo):
     out, summary = demo
     assert json.loads((out / "summary.json").read_text()) == summary
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 8  # pool, curated set, duplicates, histograms, curves, pictures
+    # pool, curated set, duplicates, histograms, curves, dense predictions, pictures
+    assert html.count("data:image/png;base64,") >= 9
+    assert "Dense probes" in html and "mIoU" in html and "depth RMSE" in html
+    for name, result in summary["evaluation"].items():  # the dense probes of each representation
+        assert 0 <= result["segmentation_miou"] <= result["segmentation_pixel_accuracy"] <= 100, name
+        assert result["depth_rmse"] > 0 and 0 <= result["depth_delta1"] <= 100, name
     assert "src=\"http" not in html and "src='http" not in html  # nothing to fetch
     corrupt = json.loads((out / "synthetic" / "corrupt.json").read_text())
     assert summary["pool"]["readable"] == summary["pool"]["n_items"] - len(corrupt) > 0

@@ -1,5 +1,6 @@
-"""Image pools: one read-only, indexed view over an image folder, a text file of paths, or
-webdataset tar shards in the layout img2dataset writes (`KEY.jpg|png|webp` + `KEY.json|txt`).
+"""Image pools: one read-only, indexed view over an image folder, a text file of paths, a CSV
+file of paths (with labels), or webdataset tar shards in the layout img2dataset writes
+(`KEY.jpg|png|webp` + `KEY.json|txt`).
 
 Item i is the same image on every read, with a stable string key; row i of every array a
 later stage writes belongs to item i. Decoding never stops a run: an image that cannot be
@@ -8,6 +9,7 @@ read as RGB is skipped, counted by reason and its key logged.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -214,9 +216,14 @@ def _labels_from_keys(keys: list[str]) -> tuple[list[int] | None, list[str] | No
     """Class sub-folders give labels when every key lies in one."""
     if not keys or any("/" not in k for k in keys):
         return None, None
-    names = sorted({k.split("/", 1)[0] for k in keys})
-    index = {name: i for i, name in enumerate(names)}
-    return [index[k.split("/", 1)[0]] for k in keys], names
+    return _labels_from_names([k.split("/", 1)[0] for k in keys])
+
+
+def _labels_from_names(names: Sequence[str]) -> tuple[list[int], list[str]]:
+    """Integer labels and the sorted class names (numbers in numeric order) of per-item class names."""
+    classes = sorted(set(names), key=_natural_key)
+    index = {name: i for i, name in enumerate(classes)}
+    return [index[name] for name in names], classes
 
 
 class FolderPool(ImagePool):
@@ -238,25 +245,57 @@ class FolderPool(ImagePool):
 
 
 class PathListPool(ImagePool):
-    """A text file with one image path per line (relative paths are relative to the file)."""
+    """A list of image paths (relative paths are relative to the list file): a text file with one path
+    per line, where images in more than one folder take the folder's name as their class (the
+    ImageNet layout), or a CSV file with a header naming a `path` column and optionally a `label` column."""
 
     def __init__(self, list_file: str | os.PathLike, **kwargs):
         super().__init__(**kwargs)
         list_file = Path(list_file)
         base = list_file.parent
-        lines = [ln.strip() for ln in list_file.read_text().splitlines()]
-        paths = [Path(ln) if Path(ln).is_absolute() else base / ln for ln in lines if ln and not ln.startswith("#")]
+        if list_file.suffix == ".csv":
+            names, class_names = _read_csv_list(list_file)
+        else:
+            names, class_names = _read_text_list(list_file), None
+        paths = [Path(name) if Path(name).is_absolute() else base / name for name in names]
         if not paths:
             raise DataError(f"{list_file} lists no image paths")
         keys = [_key_for_path(p, base) for p in paths]
         if len(set(keys)) != len(keys):
             raise DataError(f"{list_file} lists the same image key twice; keys must be unique")
-        self.labels, self.class_names = _labels_from_keys(keys)
+        if class_names is None and len({p.parent for p in paths}) > 1:
+            class_names = [p.parent.name for p in paths]
+        if class_names is not None:
+            self.labels, self.class_names = _labels_from_names(class_names)
         self.paths = PathArray(str(p) for p in paths)
         self.keys = StringArray(keys)
 
     def _read(self, index: int) -> bytes:
         return self.paths[index].read_bytes()
+
+
+def _read_text_list(list_file: Path) -> list[str]:
+    lines = [line.strip() for line in list_file.read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _read_csv_list(list_file: Path) -> tuple[list[str], list[str] | None]:
+    """The `path` column of a CSV file, and its `label` column when it has one."""
+    with open(list_file, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = {name.strip().lower(): name for name in reader.fieldnames or []}
+        if "path" not in columns:
+            raise DataError(f"{list_file}: the first line must name the columns, one of them `path` (and `label` for "
+                            f"labelled images); found {reader.fieldnames}")
+        rows = list(reader)
+    wanted = ["path", "label"] if "label" in columns else ["path"]
+    cells = [[(row[columns[name]] or "").strip() for name in wanted] for row in rows]
+    for line, values in enumerate(cells, start=2):
+        for name, value in zip(wanted, values):
+            if not value:
+                raise DataError(f"{list_file}:{line} has an empty {name}; fill it in or remove the row")
+    paths = [values[0] for values in cells]
+    return paths, [values[1] for values in cells] if "label" in columns else None
 
 
 def _key_for_path(path: Path, base: Path) -> str:
@@ -292,9 +331,7 @@ class TarShardPool(ImagePool):
         self._handles: dict[int, object] = {}
         self._pid = os.getpid()
         if all(lbl is not None for lbl in raw_labels):
-            names = sorted(set(raw_labels), key=_natural_key)
-            index = {name: i for i, name in enumerate(names)}
-            self.labels, self.class_names = [index[lbl] for lbl in raw_labels], names
+            self.labels, self.class_names = _labels_from_names(raw_labels)
 
     def _read(self, index: int) -> bytes:
         if os.getpid() != self._pid:  # a forked worker must not share file offsets
@@ -349,7 +386,7 @@ def _label_of(tar: tarfile.TarFile, parts: dict[str, tarfile.TarInfo]) -> str | 
 
 
 def open_pool(path: str | os.PathLike | Sequence[str], **kwargs) -> ImagePool:
-    """Open an image folder, a text file of image paths, a tar shard, a folder of tar shards,
+    """Open an image folder, a text or CSV file of image paths, a tar shard, a folder of tar shards,
     or a list of tar shards."""
     if isinstance(path, (list, tuple)):
         return TarShardPool(path, **kwargs)
@@ -359,9 +396,9 @@ def open_pool(path: str | os.PathLike | Sequence[str], **kwargs) -> ImagePool:
     if path.is_file():
         if path.suffix == ".tar":
             return TarShardPool([path], **kwargs)
-        if path.suffix in (".txt", ".lst", ".list"):
+        if path.suffix in (".txt", ".lst", ".list", ".csv"):
             return PathListPool(path, **kwargs)
-        raise DataError(f"{path} is neither a .tar shard nor a .txt list of image paths")
+        raise DataError(f"{path} is neither a .tar shard, a .txt list of image paths nor a .csv file of them")
     shards = sorted(path.glob("*.tar"))
     if shards and not any(_is_image(p) for p in path.iterdir()):
         return TarShardPool(shards, **kwargs)

@@ -5,7 +5,15 @@ random positions, scales and colours; long-tailed class frequencies; injected ex
 near duplicates (JPEG re-encode, resize, small crop, brightness shift) whose ground-truth
 groups are recorded; a few corrupt files. Labels are written beside the pool, never inside
 it, so curation cannot see them. Balanced labelled splits of the same classes are written
-for evaluation.
+for evaluation, with per-pixel ground truth for the dense probes: a class mask of each
+image's object (VOC-style: 0 background, class index + 1 on the object) and a depth map.
+
+Depth follows what the image shows, as in a photograph: the background is a ground plane
+whose depth grows from the bottom row (4 m) to the top row (8 m), and the object stands in
+front of it at the depth where an object of fixed physical size appears as large as it is
+drawn (depth inversely proportional to its drawn radius, or to its box side for the
+textures: 1.2-3.3 m). Masks and depth come from the drawing's own geometry, so they take no
+random draws: the images are the same as without them.
 
 Layout written under `out_dir`:
     pool/            img_000000.jpg ... (flat; or pool/*.tar shards with format="shards")
@@ -13,6 +21,8 @@ Layout written under `out_dir`:
     duplicates.json  [{"source": key, "copies": [{"key": k, "kind": "exact|jpeg|resize|crop|brightness"}]}]
     corrupt.json     [keys]
     eval_train/CLASS/*.png, eval_test/CLASS/*.png   balanced, disjoint from the pool
+    eval_train_segmentation/CLASS/*.png, ...        uint8 masks, same stems as the images
+    eval_train_depth/CLASS/*.png, ...               16-bit depth in millimetres, same stems
     synthetic.json   the generator's parameters and counts
 """
 
@@ -34,6 +44,11 @@ CLASS_NAMES = [
     "rings", "cross", "dots", "diag_stripes", "star", "crescent",
 ]
 DUPLICATE_KINDS = ("exact", "jpeg", "resize", "crop", "brightness")
+TEXTURE_CLASSES = ("h_stripes", "v_stripes", "diag_stripes", "checker", "dots")
+SEGMENTATION_CLASSES = ["background", *CLASS_NAMES]  # mask value = index here
+DEPTH_PNG_SCALE = 1000  # 16-bit depth PNGs hold millimetres (NYU's convention)
+GROUND_NEAR, GROUND_FAR = 4.0, 8.0  # depth of the bottom and top image rows, metres
+OBJECT_DEPTH_AT_RADIUS = 0.6  # an object drawn with radius r (as a share of the image side) is 0.6 / r m away
 
 
 @dataclass(frozen=True)
@@ -80,8 +95,8 @@ def _background(rng: np.random.Generator, size: int) -> tuple[Image.Image, np.nd
     return Image.fromarray(arr, "RGB"), base
 
 
-def _pattern_mask(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A boolean foreground mask for texture-like classes, inside a random box."""
+def _pattern_mask(kind: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks of a texture-like class's painted pixels and of the random box they fill."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     period = rng.uniform(size / 10, size / 5)
     phase = rng.uniform(0, period)
@@ -102,7 +117,7 @@ def _pattern_mask(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     lo = rng.integers(0, size // 4, 2)
     hi = rng.integers(3 * size // 4, size + 1, 2)
     box[lo[1]:hi[1], lo[0]:hi[0]] = True
-    return mask & box
+    return mask & box, box
 
 
 def _star(cx: float, cy: float, r: float, rotation: float) -> list[tuple[float, float]]:
@@ -114,46 +129,91 @@ def _star(cx: float, cy: float, r: float, rotation: float) -> list[tuple[float, 
     return points
 
 
+@dataclass
+class DrawnObject:
+    """What `draw_class` drew besides the image: the object's pixels and its apparent radius
+    (half the box side for textures), as a share of the image side."""
+
+    mask: np.ndarray
+    radius: float
+
+
 def draw_class(label: int, rng: np.random.Generator, size: int) -> Image.Image:
     """One image of class `label` with random background, colour, position and scale."""
+    return draw_class_with_object(label, rng, size)[0]
+
+
+def draw_class_with_object(label: int, rng: np.random.Generator, size: int) -> tuple[Image.Image, DrawnObject]:
+    """`draw_class` and the object it drew. The mask is the object's extent: a shape's filled area
+    (a crescent without its bite, rings as their outer disc) or a texture's box."""
     img, bg = _background(rng, size)
     colour = tuple(int(c) for c in _random_colour(rng, avoid=bg))
     name = CLASS_NAMES[label]
-    if name in ("h_stripes", "v_stripes", "diag_stripes", "checker", "dots"):
-        mask = _pattern_mask(name, size, rng)
+    if name in TEXTURE_CLASSES:
+        painted, box = _pattern_mask(name, size, rng)
         arr = np.asarray(img).copy()
-        arr[mask] = colour
-        return Image.fromarray(arr, "RGB")
+        arr[painted] = colour
+        rows, cols = box.any(axis=1).sum(), box.any(axis=0).sum()
+        return Image.fromarray(arr, "RGB"), DrawnObject(box, (rows + cols) / 4 / size)
     draw = ImageDraw.Draw(img)
+    extent = Image.new("L", img.size, 0)
+    mask = ImageDraw.Draw(extent)
     r = rng.uniform(0.18, 0.38) * size
     cx, cy = rng.uniform(r, size - r, 2)
     rotation = rng.uniform(0, 2 * math.pi)
+    disc = [cx - r, cy - r, cx + r, cy + r]
     if name == "disc":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+        draw.ellipse(disc, fill=colour)
+        mask.ellipse(disc, fill=1)
     elif name == "square":
         corners = [(cx + r * math.cos(rotation + k * math.pi / 2), cy + r * math.sin(rotation + k * math.pi / 2))
                    for k in range(4)]
         draw.polygon(corners, fill=colour)
+        mask.polygon(corners, fill=1)
     elif name == "triangle":
         corners = [(cx + r * math.cos(rotation + k * 2 * math.pi / 3), cy + r * math.sin(rotation + k * 2 * math.pi / 3))
                    for k in range(3)]
         draw.polygon(corners, fill=colour)
+        mask.polygon(corners, fill=1)
     elif name == "rings":
         width = max(1, int(r / 4))
         for radius in (r, r * 0.55):
             draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], outline=colour, width=width)
+        mask.ellipse(disc, fill=1)
     elif name == "cross":
         w = r * 0.3
-        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=colour)
-        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=colour)
+        for bar in ([cx - r, cy - w, cx + r, cy + w], [cx - w, cy - r, cx + w, cy + r]):
+            draw.rectangle(bar, fill=colour)
+            mask.rectangle(bar, fill=1)
     elif name == "star":
         draw.polygon(_star(cx, cy, r, rotation), fill=colour)
+        mask.polygon(_star(cx, cy, r, rotation), fill=1)
     elif name == "crescent":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+        draw.ellipse(disc, fill=colour)
+        mask.ellipse(disc, fill=1)
         dx, dy = 0.5 * r * math.cos(rotation), 0.5 * r * math.sin(rotation)
         bg_colour = tuple(int(c) for c in np.asarray(img)[int(np.clip(cy + dy, 0, size - 1)), 0])
-        draw.ellipse([cx + dx - r * 0.85, cy + dy - r * 0.85, cx + dx + r * 0.85, cy + dy + r * 0.85], fill=bg_colour)
-    return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.6)))
+        bite = [cx + dx - r * 0.85, cy + dy - r * 0.85, cx + dx + r * 0.85, cy + dy + r * 0.85]
+        draw.ellipse(bite, fill=bg_colour)
+        mask.ellipse(bite, fill=0)
+    drawn = DrawnObject(np.asarray(extent, dtype=bool), r / size)
+    return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.6))), drawn
+
+
+def segmentation_mask(label: int, drawn: DrawnObject) -> np.ndarray:
+    """uint8 mask: 0 background, `label + 1` on the object (the index in SEGMENTATION_CLASSES)."""
+    return np.where(drawn.mask, label + 1, 0).astype(np.uint8)
+
+
+def depth_map(drawn: DrawnObject) -> np.ndarray:
+    """float32 depth in metres: the ground plane, and the object at OBJECT_DEPTH_AT_RADIUS / radius."""
+    size = drawn.mask.shape[0]
+    ground = np.linspace(GROUND_FAR, GROUND_NEAR, size, dtype=np.float32)[:, None].repeat(drawn.mask.shape[1], 1)
+    return np.where(drawn.mask, np.float32(OBJECT_DEPTH_AT_RADIUS / drawn.radius), ground).astype(np.float32)
+
+
+def _save_depth_png(depth: np.ndarray, path: Path) -> None:
+    Image.fromarray(np.round(depth * DEPTH_PNG_SCALE).astype(np.uint16)).save(path)
 
 
 def _encode(img: Image.Image, fmt: str, quality: int = 92) -> bytes:
@@ -251,14 +311,20 @@ def make_synthetic_pool(out_dir: str | Path, spec: SyntheticSpec = SyntheticSpec
     ])
     write_json(out_dir / "corrupt.json", sorted(keys[i] for i in range(corrupt_start, len(items))))
     for split in ("eval_train", "eval_test"):
-        with atomic_dir(out_dir / split) as tmp:
+        with atomic_dir(out_dir / split) as images, atomic_dir(out_dir / f"{split}_segmentation") as masks, \
+                atomic_dir(out_dir / f"{split}_depth") as depths:
             for label, name in enumerate(CLASS_NAMES[: spec.n_classes]):
-                (tmp / name).mkdir()
+                for folder in (images, masks, depths):
+                    (folder / name).mkdir()
                 for j in range(spec.eval_per_class):
-                    draw_class(label, rng, spec.image_size).save(tmp / name / f"{j:04d}.png")
+                    image, drawn = draw_class_with_object(label, rng, spec.image_size)
+                    image.save(images / name / f"{j:04d}.png")
+                    Image.fromarray(segmentation_mask(label, drawn)).save(masks / name / f"{j:04d}.png")
+                    _save_depth_png(depth_map(drawn), depths / name / f"{j:04d}.png")
     class_counts = np.bincount([lbl for _, _, lbl in items if lbl >= 0], minlength=spec.n_classes).tolist()
     summary = {
         "spec": asdict(spec), "format": fmt, "n_items": len(items), "class_names": CLASS_NAMES[: spec.n_classes],
+        "segmentation_classes": SEGMENTATION_CLASSES[: spec.n_classes + 1], "depth_png_scale": DEPTH_PNG_SCALE,
         "class_counts": class_counts, "n_duplicate_groups": len(copies_of),
         "n_duplicate_copies": int(n_copies.sum()), "n_corrupt": spec.n_corrupt,
     }

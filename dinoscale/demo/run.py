@@ -3,7 +3,8 @@
     synthetic pool -> embedder (a short first training round on the raw pool, as DINOv2 embedded
     its pool with a model it had trained) -> curation (embed, dedup, hierarchical k-means,
     balanced sampling, shards) -> training on the curated shards (DINO, iBOT, KoLeo, and Gram
-    anchoring for the last part) -> evaluation against random init and raw pixels -> report.html
+    anchoring for the last part) -> evaluation against random init and raw pixels (k-NN, linear
+    probe, and the dense probes: linear segmentation and depth on patch features) -> report.html
 
 Every stage writes into its own folder under the output directory and is skipped on a re-run
 once its marker matches its configuration; the trainer resumes from its last checkpoint.
@@ -29,27 +30,30 @@ from dinoscale.curation.pipeline import run_curation, stage_dir
 from dinoscale.curation.report import CLUSTER_SIZES_PNG, thumbnail_row
 from dinoscale.data.pool import open_pool
 from dinoscale.data.synthetic import CLASS_NAMES, SyntheticSpec, make_synthetic_pool
+from dinoscale.eval.dense import evaluate_dense, evaluate_dense_backbone
+from dinoscale.eval.dense_data import DenseDataset
 from dinoscale.eval.evaluate import evaluate_knn, evaluate_linear, open_labelled
 from dinoscale.eval.knn import knn_classify
 from dinoscale.eval.linear import linear_probe
+from dinoscale.eval.patch_features import PixelPatches
 from dinoscale.eval.report import plot_loss_curves, read_metrics
-from dinoscale.eval.visualize import render_pictures
+from dinoscale.eval.visualize import render_dense_pictures, render_pictures, tile_size
 from dinoscale.models import build_backbone, load_backbone
 from dinoscale.train.export import EXPORT_NAME
 from dinoscale.train.trainer import total_iterations, train
-from dinoscale.utils.io import write_json
+from dinoscale.utils.io import write_bytes, write_json
 from dinoscale.utils.logging import get_logger
 from dinoscale.utils.report import Section, figure_png, write_report
 from dinoscale.utils.stages import is_done, mark_done, read_marker
 
 log = get_logger(__name__)
 
-# about a minute on 2 cores: a small pool, two rounds of 150 iterations of 64 images
+# a few minutes on 2 cores: a small pool, two rounds of 300 iterations of 64 images
 QUICK_OVERRIDES = [
-    "demo.pool_images=500", "demo.image_size=32", "demo.eval_per_class=20", "demo.embedder_epochs=3",
-    "demo.pictures=3", "train.OFFICIAL_EPOCH_LENGTH=50", "optim.epochs=3", "train.num_workers=1",
+    "demo.pool_images=500", "demo.image_size=32", "demo.eval_per_class=20", "demo.embedder_epochs=6",
+    "demo.pictures=3", "train.OFFICIAL_EPOCH_LENGTH=50", "optim.epochs=6", "train.num_workers=1",
     "curation.sampling.target_size=300", "curation.kmeans.n_clusters=[30,8]", "curation.kmeans.sample_size=[3,2]",
-    "curation.shards.shard_size=100", "eval.linear_epochs=30",
+    "curation.shards.shard_size=100", "eval.linear_epochs=30", "eval.dense.image_size=32",
 ]
 
 
@@ -61,10 +65,11 @@ def synthetic_spec(cfg: DictConfig) -> SyntheticSpec:
 
 def pool_stage(out: Path, spec: SyntheticSpec) -> Path:
     directory = out / "synthetic"
-    if not is_done(directory, asdict(spec)):
+    key = {**asdict(spec), "dense_ground_truth": True}  # pools written before it had masks and depth are redone
+    if not is_done(directory, key):
         start = time.perf_counter()
         summary = make_synthetic_pool(directory, spec)
-        mark_done(directory, asdict(spec), {"n_items": summary["n_items"]}, time.perf_counter() - start)
+        mark_done(directory, key, {"n_items": summary["n_items"]}, time.perf_counter() - start)
         log.info("synthetic pool: %d images written", summary["n_items"])
     return directory
 
@@ -159,7 +164,21 @@ def pixel_features(images) -> tuple[torch.Tensor, torch.Tensor]:
     return x - x.mean(0), torch.tensor(labels)
 
 
+def dense_datasets(synthetic_dir: Path, cfg: DictConfig) -> tuple[DenseDataset, DenseDataset]:
+    """The labelled splits with their masks and depth maps, as the dense probes read them."""
+    dense = cfg.eval.dense
+    return tuple(DenseDataset(synthetic_dir / split, synthetic_dir / f"{split}_segmentation",
+                              synthetic_dir / f"{split}_depth", role, dense.ignore_index, dense.reduce_zero_label,
+                              dense.depth_normalization_constant)
+                 for split, role in (("eval_train", "train"), ("eval_test", "val")))
+
+
+DENSE_PICTURES = "dense_predictions.png"
+
+
 def evaluation_stage(cfg: DictConfig, out: Path, teacher: Path, synthetic_dir: Path) -> dict[str, dict]:
+    """k-NN, linear probe and dense probes of the teacher, the same ViT at random init and raw pixels;
+    the teacher's dense predictions are drawn into eval/dense_predictions.png."""
     directory = out / "eval"
     key = {"teacher": str(teacher), "mtime": teacher.stat().st_mtime, "eval": OmegaConf.to_container(cfg.eval)}
     if is_done(directory, key):
@@ -167,6 +186,7 @@ def evaluation_stage(cfg: DictConfig, out: Path, teacher: Path, synthetic_dir: P
     start = time.perf_counter()
     train_images = open_labelled(synthetic_dir / "eval_train", "train")
     test_images = open_labelled(synthetic_dir / "eval_test", "val")
+    dense_train, dense_test = dense_datasets(synthetic_dir, cfg)
     torch.manual_seed(cfg.seed)
     models = {"trained teacher": load_backbone(teacher), "random init": build_backbone(cfg.student)}
     results: dict[str, dict] = {}
@@ -174,13 +194,22 @@ def evaluation_stage(cfg: DictConfig, out: Path, teacher: Path, synthetic_dir: P
         model.eval()
         knn = evaluate_knn(model, train_images, test_images, cfg.eval)
         linear = evaluate_linear(model, train_images, test_images, cfg.eval)
-        results[name] = {"knn_top1": {str(k): v for k, v in knn.top1.items()}, "linear_top1": linear.test_top1}
+        n_pictures = cfg.demo.pictures if name == "trained teacher" else 0
+        dense = evaluate_dense_backbone(model, dense_train, dense_test, cfg.eval, seed=cfg.seed, n_pictures=n_pictures)
+        if dense.pictures:
+            write_bytes(directory / DENSE_PICTURES, render_dense_pictures(
+                dense.pictures, cfg.eval.dense.ignore_index, cfg.eval.dense.min_depth, cfg.eval.dense.max_depth,
+                tile_size(cfg.eval.dense.image_size)))
+        results[name] = {"knn_top1": {str(k): v for k, v in knn.top1.items()}, "linear_top1": linear.test_top1,
+                         **dense.metrics()}
     train_x, train_y = pixel_features(train_images)
     test_x, test_y = pixel_features(test_images)
     knn = knn_classify(train_x, train_y, test_x, test_y, ks=list(cfg.eval.knn_k), temperature=cfg.eval.knn_temperature)
     linear = linear_probe(train_x, train_y, test_x, test_y, list(cfg.eval.linear_lrs), list(cfg.eval.linear_weight_decays),
                           cfg.eval.linear_epochs, cfg.eval.linear_batch_size)
-    results["raw pixels"] = {"knn_top1": {str(k): v for k, v in knn.top1.items()}, "linear_top1": linear.test_top1}
+    dense = evaluate_dense(PixelPatches(cfg.student.patch_size), dense_train, dense_test, cfg.eval, seed=cfg.seed)
+    results["raw pixels"] = {"knn_top1": {str(k): v for k, v in knn.top1.items()}, "linear_top1": linear.test_top1,
+                             **dense.metrics()}
     mark_done(directory, key, results, time.perf_counter() - start)
     return results
 
@@ -261,6 +290,10 @@ def write_demo_report(cfg: DictConfig, out: Path, synthetic_dir: Path, curate_cf
     purity = ", ".join(f"{p:.2f}" for p in summary["cluster_class_purity"])
     eval_rows = [["representation", "k-NN top-1", "linear top-1"]] + [
         [name, _fmt_accuracy(r["knn_top1"]), _fmt_accuracy(r["linear_top1"])] for name, r in summary["evaluation"].items()]
+    dense_rows = [["representation", "mIoU (%)", "pixel accuracy (%)", "depth RMSE (m)", "depth δ1 (%)"]] + [
+        [name, f"{r['segmentation_miou']:.1f}", f"{r['segmentation_pixel_accuracy']:.1f}", f"{r['depth_rmse']:.3f}",
+         f"{r['depth_delta1']:.1f}"] for name, r in summary["evaluation"].items()]
+    dense = cfg.eval.dense
     test_images = open_labelled(synthetic_dir / "eval_test", "val")
     # at the images' native size, twice the training crops: a finer patch grid (the position embedding is interpolated)
     pictures = render_pictures(load_backbone(teacher).eval(), test_images, image_size=cfg.demo.image_size,
@@ -285,6 +318,14 @@ def write_demo_report(cfg: DictConfig, out: Path, synthetic_dir: Path, curate_cf
                 f"{cfg.demo.gram_fraction:.0%}.", images={"loss curves": plot_loss_curves(metrics)}),
         Section("Evaluation", "Held-out labelled split; the same architecture at random init and raw pixels "
                 "(16x16) as baselines.", table=eval_rows),
+        Section("Dense probes", f"Linear segmentation (13 classes: background and the 12 shapes) and linear depth "
+                f"(the ground plane 4-8 m, each object nearer the larger it is drawn) on the patch tokens of "
+                f"{dense.image_size}-px images, per the DINOv2/DINOv3 linear protocol: a linear layer per patch, "
+                f"outputs upsampled bilinearly to the label maps, {len(dense.lrs) * len(dense.weight_decays)} grid "
+                f"points chosen on held-out train images. Baselines: the same ViT at random init and the raw pixels "
+                f"of each {cfg.student.patch_size}-px patch. Rows of the picture: test images, their true and the "
+                f"teacher's predicted masks and depth.", table=dense_rows,
+                images={"dense predictions": (out / "eval" / DENSE_PICTURES).read_bytes()}),
         Section("Pictures", f"PCA of patch features (first component separates the foreground) and CLS attention "
                 f"of the last layer, on {cfg.demo.image_size}-px images.", images=pictures),
     ]

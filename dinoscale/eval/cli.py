@@ -1,4 +1,4 @@
-"""`dinoscale eval knn|linear|visualize|report`: evaluate a backbone and write a report.
+"""`dinoscale eval knn|linear|dense|visualize|report`: evaluate a backbone and write a report.
 
 Each command writes `report.json`, `report.md` (with its PNGs) and a self-contained
 `report.html` into --out. Config overrides (`eval.image_size=224 eval.knn_k=[10,20]`) follow
@@ -35,21 +35,37 @@ def _common(parser: argparse.ArgumentParser, weights: bool = True) -> None:
 
 
 def _datasets(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--train", default=None, help="labelled train images (class sub-folders)")
-    parser.add_argument("--val", default=None, help="labelled val images (class sub-folders)")
+    labelled = ("a folder with one sub-folder per class, a CSV file with `path` and `label` columns, or a .txt list "
+                "of images in class folders")
+    parser.add_argument("--train", default=None, help=f"labelled train images: {labelled}")
+    parser.add_argument("--val", default=None, help=f"labelled val images: {labelled}")
 
 
 def add_eval_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the knn / linear / visualize / report sub-commands to `parser`; each sets `handler`."""
+    """Add the knn / linear / dense / visualize / report sub-commands to `parser`; each sets `handler`."""
     sub = parser.add_subparsers(dest="eval_command", required=True)
     p = sub.add_parser("knn", help="weighted k-NN accuracy (DINO protocol)")
     _common(p)
     _datasets(p)
+    subset = ("a boolean .npy mask over the val items in their order, or a text file of val keys (paths below the "
+              "val dataset), one per line")
+    p.add_argument("--val-subset", default=None, help=f"also score the val images it selects: {subset}")
+    p.add_argument("--val-exclude", default=None, help="also score the val images it does not select (e.g. a "
+                   f"curation dedup stage's contaminated.npy: the val images without a copy in train): {subset}")
     p.set_defaults(handler=_command("cmd_knn"))
     p = sub.add_parser("linear", help="linear probe with a learning-rate / weight-decay grid")
     _common(p)
     _datasets(p)
     p.set_defaults(handler=_command("cmd_linear"))
+    p = sub.add_parser("dense", help="linear segmentation and depth probes on patch features")
+    _common(p)
+    for role in ("train", "val"):
+        p.add_argument(f"--{role}", default=None, help=f"{role} images (sets eval.dense.{role}_dataset)")
+        p.add_argument(f"--{role}-masks", default=None, help=f"segmentation masks of the {role} images, PNGs with "
+                       f"the images' relative stems (sets eval.dense.{role}_masks)")
+        p.add_argument(f"--{role}-depth", default=None, help=f"depth maps of the {role} images, 16-bit PNGs or "
+                       f".npy (sets eval.dense.{role}_depth)")
+    p.set_defaults(handler=_command("cmd_dense"))
     p = sub.add_parser("visualize", help="PCA and attention pictures of a few images")
     _common(p)
     p.add_argument("--images", default=None, help="images to draw (default: eval.val_dataset)")

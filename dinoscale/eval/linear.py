@@ -1,7 +1,8 @@
 """Linear probe on frozen features with a learning-rate x weight-decay grid.
 
 All grid points train at once as one batched linear layer [G, D, C] on cached features
-(mini-batch SGD with momentum and a cosine schedule, as DINOv2's linear evaluation). The
+(mini-batch SGD with momentum and a cosine schedule, as DINOv2's linear evaluation); the dense
+probes train their per-patch linear layers with the same loop. The
 grid point with the best accuracy on a validation split (held out from the training
 features when none is given) is retrained on all training features and scored on the test split.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,19 +55,28 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int = 0) -> tu
     return torch.cat(fit).sort().values, torch.cat(held).sort().values
 
 
-def train_linear_classifiers(features: torch.Tensor, labels: torch.Tensor, n_classes: int, lrs: torch.Tensor,
-                             weight_decays: torch.Tensor, epochs: int, batch_size: int,
-                             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train G = len(lrs) linear classifiers jointly; grid point g uses lrs[g] and weight_decays[g].
+def linear_outputs(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Outputs [G, N, ..., C] of G linear maps (weight [G, D, C], bias [G, C]) on features [N, ..., D]."""
+    grid, n_outputs = bias.shape
+    return torch.einsum("n...d,gdc->gn...c", features, weight) + bias.view(grid, *[1] * (features.ndim - 1), n_outputs)
+
+
+def train_linear_heads(features: torch.Tensor, targets: torch.Tensor, n_outputs: int, lrs: torch.Tensor,
+                       weight_decays: torch.Tensor, epochs: int, batch_size: int,
+                       loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train G = len(lrs) linear maps jointly on features [N, ..., D]; grid point g uses lrs[g] and
+    weight_decays[g]. `loss(outputs [G, B, ..., C], targets[batch])` gives each grid point's loss [G];
+    their sum is minimised, so the grid points' gradients stay independent.
 
     Returns weights [G, D, C] and biases [G, C].
     """
     generator = torch.Generator().manual_seed(seed)
-    n, dim = features.shape
+    n, dim = features.shape[0], features.shape[-1]
     grid = len(lrs)
     device = features.device
-    weight = (torch.randn(grid, dim, n_classes, generator=generator) * INIT_STD).to(device).requires_grad_()
-    bias = torch.zeros(grid, n_classes, device=device, requires_grad=True)
+    weight = (torch.randn(grid, dim, n_outputs, generator=generator) * INIT_STD).to(device).requires_grad_()
+    bias = torch.zeros(grid, n_outputs, device=device, requires_grad=True)
     momentum_w, momentum_b = torch.zeros_like(weight), torch.zeros_like(bias)
     lrs, weight_decays = lrs.to(device), weight_decays.to(device)
     steps_per_epoch = math.ceil(n / batch_size)
@@ -76,11 +86,8 @@ def train_linear_classifiers(features: torch.Tensor, labels: torch.Tensor, n_cla
         order = torch.randperm(n, generator=generator).to(device)
         for start in range(0, n, batch_size):
             batch = order[start:start + batch_size]
-            x, y = features[batch], labels[batch]
-            logits = torch.einsum("nd,gdc->gnc", x, weight) + bias[:, None, :]
-            # Sum over grid points of each one's mean loss: the gradients stay independent.
-            loss = F.cross_entropy(logits.reshape(-1, n_classes), y.repeat(grid), reduction="sum") / len(batch)
-            grad_w, grad_b = torch.autograd.grad(loss, (weight, bias))
+            grad_w, grad_b = torch.autograd.grad(loss(linear_outputs(features[batch], weight, bias),
+                                                      targets[batch]).sum(), (weight, bias))
             scale = 0.5 * (1 + math.cos(math.pi * step / total_steps))
             with torch.no_grad():
                 momentum_w.mul_(MOMENTUM).add_(grad_w + weight_decays[:, None, None] * weight)
@@ -91,21 +98,38 @@ def train_linear_classifiers(features: torch.Tensor, labels: torch.Tensor, n_cla
     return weight.detach(), bias.detach()
 
 
+def train_linear_classifiers(features: torch.Tensor, labels: torch.Tensor, n_classes: int, lrs: torch.Tensor,
+                             weight_decays: torch.Tensor, epochs: int, batch_size: int,
+                             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`train_linear_heads` on features [N, D] with cross-entropy against labels [N]."""
+    def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        grid = logits.shape[0]
+        return F.cross_entropy(logits.reshape(-1, n_classes), y.repeat(grid), reduction="none").view(grid, -1).mean(1)
+
+    return train_linear_heads(features, labels, n_classes, lrs, weight_decays, epochs, batch_size, cross_entropy, seed)
+
+
 @torch.no_grad()
 def topk_accuracy(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                   k: int = 1) -> torch.Tensor:
     """Top-k accuracy (percent) of each of the G classifiers: a tensor [G]."""
     correct = torch.zeros(weight.shape[0], device=features.device)
     for start in range(0, len(features), EVAL_ROWS):
-        logits = torch.einsum("nd,gdc->gnc", features[start:start + EVAL_ROWS], weight) + bias[:, None, :]
+        logits = linear_outputs(features[start:start + EVAL_ROWS], weight, bias)
         top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
         correct += (top == labels[None, start:start + EVAL_ROWS, None]).any(-1).sum(-1)
     return 100.0 * correct / len(features)
 
 
+def feature_statistics(train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of each feature (the last dimension) over all other dimensions."""
+    rows = train.reshape(-1, train.shape[-1])
+    return rows.mean(0), rows.std(0).clamp_min(1e-6)
+
+
 def _standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
     """Zero mean, unit variance per dimension with the training statistics (one lr grid fits any feature scale)."""
-    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+    mean, std = feature_statistics(train)
     return [(x - mean) / std for x in (train, *others)]
 
 

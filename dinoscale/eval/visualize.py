@@ -1,4 +1,5 @@
-"""Pictures of what a backbone sees: PCA of patch features as RGB, and CLS attention maps.
+"""Pictures of what a backbone sees: PCA of patch features as RGB, CLS attention maps, and the
+dense probes' predicted masks and depth next to the ground truth.
 
 PCA (as in the DINOv2 figure): the first principal component of all patches of a handful of
 images separates foreground from background (threshold on it, with the sign chosen so the
@@ -151,7 +152,7 @@ def _pick_images(images: LabelledImages, n: int) -> list[Image.Image]:
 
 def render_pictures(model: nn.Module, images: LabelledImages, image_size: int = 224, n_images: int = 6,
                     foreground_threshold: float = 0.0, device: torch.device | None = None,
-                    precision: str = "auto") -> dict[str, bytes]:
+                    precision: str = "auto", resize: str = "center_crop") -> dict[str, bytes]:
     """Two PNG montages, one row per image, tiles of `tile_size(image_size)` pixels:
     `pca` (image | PCA of all patches | foreground | PCA of the foreground) and
     `attention` (image | mean over heads | one map per head)."""
@@ -159,7 +160,7 @@ def render_pictures(model: nn.Module, images: LabelledImages, image_size: int = 
     device = device or default_device()
     was_training = model.training
     model = model.to(device).eval()
-    crops = [eval_crop(image_size)(image) for image in _pick_images(images, n_images)]
+    crops = [eval_crop(image_size, resize)(image) for image in _pick_images(images, n_images)]
     batch = torch.stack([to_model_input()(crop) for crop in crops]).to(device)
     with inference_autocast(device, precision):
         features, attention = forward_with_cls_attention(model, batch)
@@ -188,3 +189,40 @@ def write_pictures(model: nn.Module, images: LabelledImages, out_dir: str | Path
         paths[name] = Path(out_dir) / f"{name}.png"
         write_bytes(paths[name], png)
     return paths
+
+
+def _class_colours(mask: np.ndarray, ignore_index: int) -> np.ndarray:
+    """[H, W] class indices -> [H, W, 3] in [0, 1]: tab20 colours, white where ignored."""
+    rgb = colormaps["tab20"](np.where(mask == ignore_index, 0, mask) % 20)[..., :3]
+    rgb[mask == ignore_index] = 1.0
+    return rgb
+
+
+def _depth_colours(depth: np.ndarray, low: float, high: float, valid: np.ndarray | None = None) -> np.ndarray:
+    """[H, W] depth -> [H, W, 3] in [0, 1]: viridis from `low` (near, dark) to `high` (far); black where not valid."""
+    rgb = colormaps["viridis"](np.clip((depth - low) / max(high - low, 1e-12), 0, 1))[..., :3]
+    if valid is not None:
+        rgb[~valid] = 0.0
+    return rgb
+
+
+def render_dense_pictures(pictures: Sequence[dict], ignore_index: int = 255, min_depth: float = 0.0,
+                          max_depth: float = float("inf"), tile: int = MIN_TILE) -> bytes:
+    """One row per image: image | true mask | predicted mask | true depth | predicted depth (the
+    columns that exist). Depth shares one colour scale per row, from the true depth's range.
+    `pictures`: {"image": RGB uint8, "mask": (true, predicted), "depth": (true, predicted)}."""
+    titles = ["image"] + (["mask", "predicted"] if "mask" in pictures[0] else []) + \
+        (["depth", "predicted"] if "depth" in pictures[0] else [])
+    rows = []
+    for picture in pictures:
+        row = [Image.fromarray(picture["image"]).resize((tile, tile), Image.BICUBIC)]
+        if "mask" in picture:
+            row += [_tile(_class_colours(m, ignore_index), tile) for m in picture["mask"]]
+        if "depth" in picture:
+            true, predicted = picture["depth"]
+            valid = np.isfinite(true) & (true > min_depth) & (true < max_depth)
+            low, high = (float(true[valid].min()), float(true[valid].max())) if valid.any() else (0.0, 1.0)
+            row += [_tile(_depth_colours(true, low, high, valid), tile), _tile(_depth_colours(predicted, low, high),
+                                                                               tile)]
+        rows.append(row)
+    return image_png(montage(rows, titles, tile))

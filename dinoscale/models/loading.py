@@ -6,8 +6,10 @@
   `pos_embed` vs `rope_embed.periods`, the size by the shapes, and register tokens, untied
   norms and the position-embedding grid by the keys present;
 - a dinoscale export written by `save_backbone`: `{"format": "dinoscale-backbone",
-  "arch_config": {...student fields...}, "model": <official-layout state dict>}` — the
-  reference code can load `torch.load(f)["model"]` directly;
+  "arch_config": {...student fields...}, "model": <official-layout state dict>}` and, for a
+  trained teacher, `"training": {"global_crops_size": ..., "local_crops_size": ...}` (what
+  `read_training_record` reads, e.g. to evaluate at the training resolution) — the reference code can
+  load `torch.load(f)["model"]` directly;
 - a DINOv2 training checkpoint (`{"teacher": {"backbone.*": ...}}`, blocks possibly chunked as
   `blocks.<chunk>.<i>.`) or `{"model": state_dict}`.
 Files are read with `torch.load(weights_only=True)` and loaded strictly. Nothing is downloaded.
@@ -70,17 +72,31 @@ def load_backbone(path: str | os.PathLike, arch: str | Mapping[str, Any] | Backb
 
 
 def save_backbone(model: VisionTransformer, path: str | os.PathLike,
-                  state_dict: Mapping[str, Tensor] | None = None) -> None:
+                  state_dict: Mapping[str, Tensor] | None = None, training: Mapping[str, Any] | None = None) -> None:
     """Write the official-layout state dict and the architecture, atomically.
 
     state_dict: the full (unsharded) weights when `model` is sharded; defaults to the model's own.
+    training: how the weights were trained (crop sizes), stored as the export's `training` record.
     """
     weights = state_dict if state_dict is not None else model.state_dict()
     arch_config = {k: v for k, v in model.spec.to_dict().items() if k not in RUNTIME_FIELDS}
     payload = {"format": EXPORT_FORMAT, "arch_config": arch_config,
                "model": {k: v.detach().cpu() for k, v in weights.items()}}
+    if training is not None:
+        payload["training"] = dict(training)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def read_training_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The `training` record of a dinoscale export (None for any other weights file). The file is
+    memory-mapped, so its tensors are not read."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format torch file (e.g. a legacy official release): it records nothing
+        return None
+    record = obj.get("training") if isinstance(obj, Mapping) and obj.get("format") == EXPORT_FORMAT else None
+    return dict(record) if isinstance(record, Mapping) else None
 
 
 # ---------------------------------------------------------------------------- detection

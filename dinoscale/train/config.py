@@ -69,7 +69,8 @@ class GramConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = knob(100, "training length in epochs of OFFICIAL_EPOCH_LENGTH iterations", min=1)
+    epochs: int = knob(100, "training length in epochs of OFFICIAL_EPOCH_LENGTH iterations (of "
+                                       "train.iterations / epochs when train.iterations is set)", min=1)
     base_lr: float = knob(0.004, "learning rate for a batch of 1024 (scaled by scaling_rule)", min=0.0)
     lr: float = knob(0.0, "peak learning rate; 0 means base_lr scaled by scaling_rule", min=0.0)
     scaling_rule: str = knob("sqrt_wrt_1024", "how base_lr scales with the global batch",
@@ -96,8 +97,14 @@ class TrainConfig:
                                              min=0.0, max=1.0)
     output_dir: str = knob("runs/train", "run directory (checkpoints, metrics, config)")
     batch_size_per_gpu: int = knob(64, "images per rank per step", min=1)
-    OFFICIAL_EPOCH_LENGTH: int = knob(1250, "iterations per epoch (as in the reference)", min=1)
-    max_iterations: Optional[int] = knob(None, "stop early after this many iterations")
+    OFFICIAL_EPOCH_LENGTH: int = knob(1250, "iterations per epoch (as in the reference; unused when "
+                                                       "iterations is set)", min=1)
+    iterations: Optional[int] = knob(None, "run length in iterations: every length in epochs (optim.epochs and "
+                                           "the warm-ups and freeze) is scaled to it, an epoch being iterations / "
+                                           "optim.epochs iterations (null: optim.epochs x OFFICIAL_EPOCH_LENGTH)",
+                                     min=1)
+    max_iterations: Optional[int] = knob(None, "stop after this many iterations, wherever the schedule is "
+                                               "(warns; to shorten the schedule too, set iterations)", min=1)
     centering: str = knob("sinkhorn_knopp", "teacher normalisation: EMA centring (DINO), Sinkhorn-Knopp (DINOv2/v3), or "
                                             "none (plain softmax, which collapses: an ablation)",
                           choices=["centering", "sinkhorn_knopp", "none"])

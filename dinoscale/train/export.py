@@ -13,6 +13,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from dinoscale.config import load_config
+from dinoscale.data.config import CropsConfig
 from dinoscale.errors import CheckpointError
 from dinoscale.models.loading import meta_backbone, save_backbone
 from dinoscale.models.vit import VisionTransformer
@@ -36,10 +37,15 @@ def teacher_backbone(model: SSLMetaArch) -> VisionTransformer:
 
 
 def export_teacher(model: SSLMetaArch, path: Path, is_main: bool) -> None:
-    """Gather the teacher backbone and write it (rank 0)."""
+    """Gather the teacher backbone and write it with its training record (rank 0)."""
     full = gathered_teacher_weights(model, cpu_offload=True)
     if is_main:
-        save_backbone(model.teacher.backbone, path, state_dict=full)
+        save_backbone(model.teacher.backbone, path, state_dict=full, training=training_record(model.cfg.crops))
+
+
+def training_record(crops: CropsConfig) -> dict[str, int]:
+    """What an export records of its training: the crop sizes (evaluation defaults to the global one)."""
+    return {"global_crops_size": crops.global_crops_size, "local_crops_size": crops.local_crops_size}
 
 
 def export_run(run_dir: str | Path, out: str | Path) -> Path:
@@ -57,5 +63,5 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     # the checkpoint's model entries are named from the SSL model's root; load only the teacher's backbone
     state = {f"teacher.backbone.{name}": tensor for name, tensor in backbone.state_dict().items()}
     dcp.load({"model": state}, checkpoint_id=str(checkpoint))
-    save_backbone(backbone, out)
+    save_backbone(backbone, out, training=training_record(cfg.crops))
     return out

@@ -13,7 +13,8 @@ from torch import nn
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to RUN/metrics.jsonl (flushed, so a kill loses nothing)."""
+    """Appends one JSON object per logged step to RUN/metrics.jsonl (flushed, so a kill loses nothing),
+    stamped with the wall-clock time it was written (`timestamp`, seconds since the epoch)."""
 
     def __init__(self, run_dir: str | Path, enabled: bool = True):
         self.enabled = enabled
@@ -30,12 +31,13 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        record = {**record, "timestamp": time.time()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
         if self._writer is not None:
             step = record.get("iteration", 0)
             for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "iteration":
+                if isinstance(value, (int, float)) and key not in ("iteration", "timestamp"):
                     self._writer.add_scalar(key, value, step)
 
     def close(self) -> None:

@@ -1,6 +1,8 @@
 """Training schedules as pure functions of the iteration (a resumed run needs no scheduler state).
 
-Lengths in the config are epochs of `train.OFFICIAL_EPOCH_LENGTH` iterations, as in the reference.
+Lengths in the config are epochs of `train.OFFICIAL_EPOCH_LENGTH` iterations, as in the reference;
+with `train.iterations` set, an epoch is `train.iterations / optim.epochs` iterations instead, so
+every warm-up, freeze and decay keeps its share of a run of that many iterations.
 """
 
 from __future__ import annotations
@@ -88,6 +90,44 @@ class Schedules:
                                warmup_iterations=self.warmup_teacher_temp_iterations)
 
 
+def iterations_per_epoch(cfg: Config) -> float:
+    """Iterations in one epoch of the config's lengths: `train.iterations / optim.epochs` when the run
+    length is given in iterations, else `train.OFFICIAL_EPOCH_LENGTH`."""
+    if cfg.train.iterations:
+        return cfg.train.iterations / cfg.optim.epochs
+    return cfg.train.OFFICIAL_EPOCH_LENGTH
+
+
+def schedule_iterations(cfg: Config) -> int:
+    """Iterations from the first step to the end of the schedules (the run length without train.max_iterations)."""
+    return cfg.train.iterations or cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
+
+
+def schedule_warnings(schedules: Schedules, run_iterations: int) -> list[str]:
+    """What in the schedules does not fit a run of `run_iterations` iterations: a warm-up or the
+    last-layer freeze covering more than half of it, or a run that stops before its schedule ends."""
+    problems = []
+    half_run = [("optim.warmup_epochs", "the learning-rate warm-up", schedules.warmup_iterations),
+                ("optim.freeze_last_layer_epochs", "the last-layer freeze", schedules.freeze_last_layer_iterations)]
+    if schedules.warmup_teacher_temp != schedules.teacher_temp:
+        half_run.append(("teacher.warmup_teacher_temp_epochs", "the teacher-temperature warm-up",
+                         schedules.warmup_teacher_temp_iterations))
+    for key, what, iterations in half_run:
+        if iterations > run_iterations / 2:
+            problems.append(f"{what} ({key}) lasts {iterations} of the run's {run_iterations} iterations, more than "
+                            "half of it; shorten it, or give the run length as train.iterations so that every "
+                            "length in epochs is scaled to the run")
+    if run_iterations < schedules.total_iterations:
+        ending = ""
+        if not schedules.constant_after_warmup:
+            ending = (f": the learning rate is still {schedules.lr(run_iterations - 1):.3g} at the last step, not "
+                      f"its floor optim.min_lr = {schedules.min_lr:.3g}")
+        problems.append(f"train.max_iterations stops the run after {run_iterations} of its schedule's "
+                        f"{schedules.total_iterations} iterations{ending}; set train.iterations={run_iterations} "
+                        "to fit the schedule to the run")
+    return problems
+
+
 def build_schedules(cfg: Config, global_batch_size: int) -> Schedules:
     """Schedules of a dinoscale config for `global_batch_size` images per step (all ranks).
 
@@ -95,13 +135,13 @@ def build_schedules(cfg: Config, global_batch_size: int) -> Schedules:
     `optim.schedule = constant_after_warmup` keeps lr, weight decay and teacher momentum constant
     after the warm-up (DINOv3); `cosine` decays them (DINOv2).
     """
-    epoch = cfg.train.OFFICIAL_EPOCH_LENGTH
+    epoch = iterations_per_epoch(cfg)
     optim, teacher = cfg.optim, cfg.teacher
     peak_lr = optim.lr or scaled_lr(optim.base_lr, global_batch_size, optim.scaling_rule)
     return Schedules(
         peak_lr=peak_lr,
         min_lr=optim.min_lr,
-        total_iterations=optim.epochs * epoch,
+        total_iterations=schedule_iterations(cfg),
         warmup_iterations=round(optim.warmup_epochs * epoch),
         constant_after_warmup=optim.schedule == "constant_after_warmup",
         weight_decay=optim.weight_decay,

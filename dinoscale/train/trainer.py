@@ -4,11 +4,12 @@ One loop for every scale: FSDP2 shards the student, the EMA teacher and the Gram
 the ranks (a single process is a world of one, sharded the same way, so it computes in the same
 precision); bf16 compute with fp32 master weights and residual stream where the hardware has it;
 a deterministic batch stream; DCP checkpoints every N iterations and on SIGTERM/SIGUSR2; JSONL
-metrics with images/s and MFU, and the online evaluation of the EMA teacher every
-eval.online_knn_period_iterations; a NaN/inf guard that names the term and keeps the last good
+metrics with images/s and MFU, the EMA teacher's k-NN accuracy every
+eval.online_knn_period_iterations and its dense-probe scores every
+eval.online_dense_period_iterations; a NaN/inf guard that names the term and keeps the last good
 checkpoint; and the teacher backbone exported at the end. The model is built by
 `dinoscale.train.build`, the batches by `dinoscale.data.stream`, the export by
-`dinoscale.train.export`.
+`dinoscale.train.export`, the online evaluations by `dinoscale.eval.online`.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from dinoscale.data.stream import build_stream, make_loader
 from dinoscale.distributed import DistInfo, barrier, process_group
 from dinoscale.errors import DinoscaleError
 from dinoscale.eval.online import OnlineEvaluation
+from dinoscale.eval.resolution import at_training_resolution
 from dinoscale.train.build import build_model
 from dinoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dinoscale.train.export import EXPORT_NAME, export_teacher, teacher_backbone
 from dinoscale.train.metrics import MetricsLogger, measure_matmul_peak, step_flops
 from dinoscale.train.optim import apply_schedules, clip_gradients
-from dinoscale.train.schedules import Schedules, build_schedules
+from dinoscale.train.schedules import Schedules, build_schedules, schedule_iterations, schedule_warnings
 from dinoscale.train.ssl import SSLMetaArch
+from dinoscale.train.throughput import ThroughputWindow
 from dinoscale.utils.device import autocast_dtype
 from dinoscale.utils.io import write_text
 from dinoscale.utils.logging import get_logger
@@ -59,7 +62,7 @@ def _mean_across_ranks(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def total_iterations(cfg: DictConfig) -> int:
-    full = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
+    full = schedule_iterations(cfg)
     return min(full, cfg.train.max_iterations) if cfg.train.max_iterations else full
 
 
@@ -112,18 +115,23 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
         log.info("resumed from %s at iteration %d", checkpoint, start)
 
     n_iterations = total_iterations(cfg)
+    if dist_info.is_main:
+        for problem in schedule_warnings(schedules, n_iterations):
+            log.warning(problem)
     metrics_log = MetricsLogger(run_dir, enabled=dist_info.is_main)
     peak_flops = cfg.train.peak_flops or measure_matmul_peak(dist_info.device, compute_dtype or torch.float32)
     batches = iter(make_loader(build_stream(cfg, dist_info.rank, dist_info.world_size, start),
                                cfg.train.num_workers))
     autocast = torch.autocast(dist_info.device.type, dtype=compute_dtype or torch.bfloat16,
                               enabled=compute_dtype is not None)
-    online_eval = OnlineEvaluation(cfg.eval, dist_info.device)
+    online_eval = OnlineEvaluation(at_training_resolution(cfg.eval, cfg.crops), dist_info.device)
+    speed = ThroughputWindow(cfg.train.log_period_iterations)
 
     with PreemptionGuard() as guard:  # SIGTERM / SIGUSR2: checkpoint at the end of the step, then stop
         for iteration in range(start, n_iterations):
             step_start, cpu_start = time.perf_counter(), time.process_time()
             batch = next(batches)
+            data_seconds = time.perf_counter() - step_start
             try:
                 metrics = train_step(model, optimizer, schedules, batch, iteration, clip_grad=cfg.optim.clip_grad,
                                      autocast=autocast,
@@ -134,19 +142,20 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
                 raise NonFiniteLossError(f"{err}; {keep}. Lower optim.base_lr, raise optim.warmup_epochs or "
                                          "check the data.") from None
             seconds = time.perf_counter() - step_start
+            flops = step_flops(model, batch)
             # cpu_seconds / seconds: how many cores the step kept busy (data-loader workers not counted)
-            metrics.update(seconds=seconds, cpu_seconds=time.process_time() - cpu_start,
-                           images_per_s=global_batch / seconds, peak_flops=peak_flops,
-                           mfu=step_flops(model, batch) / seconds / peak_flops,
-                           peak_memory_mb=peak_memory_mb(dist_info.device))
+            metrics.update(seconds=seconds, data_seconds=data_seconds, cpu_seconds=time.process_time() - cpu_start,
+                           images_per_s=global_batch / seconds, peak_flops=peak_flops, mfu=flops / seconds / peak_flops,
+                           peak_memory_mb=peak_memory_mb(dist_info.device),
+                           **speed.add(global_batch, seconds, data_seconds, flops, peak_flops))
             if online_eval.due(iteration):
-                metrics.update(online_eval(teacher_backbone(model)))
-                log.info("it %d: teacher k-NN top-1 %s", iteration,
-                         {k: round(v, 2) for k, v in metrics.items() if k.startswith("knn_top1")})
+                metrics.update(online_eval(teacher_backbone(model), iteration))
             metrics_log.log(metrics)
             if iteration % cfg.train.log_period_iterations == 0:
-                log.info("it %d/%d loss %.4f  %.1f img/s  mfu %.1f%%", iteration, n_iterations,
-                         metrics["total_loss"], metrics["images_per_s"], 100 * metrics["mfu"])
+                log.info("it %d/%d loss %.4f  %.1f img/s  mfu %.1f%%  data wait %.0f%% (last %d it)", iteration,
+                         n_iterations, metrics["total_loss"], metrics["images_per_s_window"],
+                         100 * metrics["mfu_window"], 100 * metrics["data_wait_share_window"],
+                         metrics["window_iterations"])
 
             stopping = guard.sync()
             last = iteration == n_iterations - 1

@@ -4,7 +4,6 @@ import json
 import re
 import shutil
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -13,29 +12,8 @@ from dinoscale.eval.cli import main
 from dinoscale.eval.evaluate import checkpoint_iteration, evaluate_knn
 from dinoscale.eval.online import online_knn
 from dinoscale.config import load_config
-from dinoscale.models.loading import save_backbone
 
-COLOURS = {"blue": (30, 30, 200), "green": (30, 200, 30), "red": (200, 30, 30)}
 FAST = ["eval.image_size=16", "eval.batch_size=8", "eval.num_workers=0", "eval.precision=fp32"]
-
-
-def write_split(root, n_per_class: int, rng, classes=COLOURS) -> None:
-    for name in classes:
-        (root / name).mkdir(parents=True)
-        for i in range(n_per_class):
-            pixels = np.array(COLOURS[name]) + rng.normal(0, 25, (20, 20, 3))
-            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i:03d}.png")
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory, tiny_backbone):
-    root = tmp_path_factory.mktemp("eval_cli")
-    rng = np.random.default_rng(0)
-    write_split(root / "train", 8, rng)
-    write_split(root / "val", 4, rng)
-    write_split(root / "val_subset", 3, rng, classes=["blue", "red"])
-    save_backbone(tiny_backbone(), root / "backbone.pth")
-    return root
 
 
 def _args(workspace, out: str, *extra: str) -> list[str]:

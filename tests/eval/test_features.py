@@ -98,6 +98,7 @@ import sys, torch, torch.distributed as dist
 from dinoscale.data.pool import open_pool
 import dinoscale.eval.features as features_module
 from dinoscale.eval.features import extract_features
+from dinoscale.models.presets import build_backbone
 features_module.GATHER_BLOCK_ROWS = 2  # several gather rounds, the last one partly padding
 dist.init_process_group("gloo")
 torch.manual_seed(0)

@@ -13,8 +13,11 @@ import torch
 
 from dinoscale.config import load_config
 from dinoscale.data.pool import open_pool
+from dinoscale.eval.dense import evaluate_dense_backbone
+from dinoscale.eval.dense_data import open_dense_datasets
 from dinoscale.eval.evaluate import evaluate_knn, knn_metrics
 from dinoscale.models import build_backbone, load_backbone
+from dinoscale.models.loading import read_training_record
 from dinoscale.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from dinoscale.train.export import export_run
 from dinoscale.eval.report import read_metrics
@@ -213,8 +216,9 @@ def test_bf16_mixed_precision_trains(workdir):
 
 def test_online_knn_logs_the_teacher_accuracy_every_period(workdir):
     data = workdir / "data"
+    # no eval.image_size: the online k-NN runs at the global crop size, 16 px
     eval_overrides = [f"eval.train_dataset={data / 'eval_train'}", f"eval.val_dataset={data / 'eval_test'}",
-                      "eval.image_size=16", "eval.num_workers=0", "eval.knn_k=[1,3]"]
+                      "eval.num_workers=0", "eval.knn_k=[1,3]"]
     cfg = load_config(str(workdir / "tiny.yaml"), _overrides(workdir, "online_knn", "train.max_iterations=4",
                                                                  "eval.online_knn_period_iterations=2", *eval_overrides))
     exported = train(cfg)
@@ -223,8 +227,28 @@ def test_online_knn_logs_the_teacher_accuracy_every_period(workdir):
     assert [sorted(knn_keys & set(m)) for _, m in sorted(logged.items())] == [[], sorted(knn_keys)] * 2
     # the last one is the k-NN of the teacher the run exports, evaluated on its own
     expected = evaluate_knn(load_backbone(exported), open_pool(data / "eval_train"), open_pool(data / "eval_test"),
-                            load_config(None, eval_overrides).eval)
+                            load_config(None, [*eval_overrides, "eval.image_size=16"]).eval)
     assert {k: logged[3][k] for k in knn_keys} == knn_metrics(expected)
+
+
+def test_online_dense_probes_log_the_teachers_miou_and_depth_error_every_period(workdir):
+    data = workdir / "data"
+    dense = [f"eval.dense.{role}_{what}={data / split}{suffix}" for role, split in (("train", "eval_train"),
+                                                                                     ("val", "eval_test"))
+             for what, suffix in (("dataset", ""), ("masks", "_segmentation"), ("depth", "_depth"))]
+    eval_overrides = [*dense, "eval.dense.image_size=24", "eval.num_workers=0", "eval.dense.epochs=2",
+                      "eval.dense.lrs=[0.1]", "eval.dense.weight_decays=[0.0]", "eval.dense.depth_n_bins=16"]
+    cfg = load_config(str(workdir / "tiny.yaml"), _overrides(workdir, "online_dense", "train.max_iterations=4",
+                                                                 "eval.online_dense_period_iterations=2",
+                                                                 *eval_overrides))
+    exported = train(cfg)
+    logged = _losses(workdir / "online_dense")
+    dense_keys = {"segmentation_miou", "segmentation_pixel_accuracy", "depth_rmse", "depth_delta1", "depth_abs_rel"}
+    assert [sorted(dense_keys & set(m)) for _, m in sorted(logged.items())] == [[], sorted(dense_keys)] * 2
+    # the last one is the dense evaluation of the teacher the run exports, evaluated on its own
+    eval_cfg = load_config(None, eval_overrides).eval
+    expected = evaluate_dense_backbone(load_backbone(exported), *open_dense_datasets(eval_cfg.dense), eval_cfg)
+    assert {k: logged[3][k] for k in dense_keys} == pytest.approx(expected.metrics())
 
 
 def test_a_non_finite_term_stops_the_run_naming_it_and_keeps_the_last_good_checkpoint(workdir, monkeypatch):
@@ -260,6 +284,8 @@ def test_compiled_blocks_train_with_the_eager_losses(workdir, single_run):
 def test_export_and_load_backbone_give_identical_features(workdir, single_run):
     exported = load_backbone(single_run / "export" / "teacher.pth").eval()
     re_exported = load_backbone(export_run(single_run, workdir / "re_export.pth")).eval()
+    for path in (single_run / "export" / "teacher.pth", workdir / "re_export.pth"):  # evaluations default to it
+        assert read_training_record(path) == {"global_crops_size": 16, "local_crops_size": 8}
     images = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(exported(images), re_exported(images), rtol=0, atol=0)
