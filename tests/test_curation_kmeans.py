@@ -279,23 +279,6 @@ def test_sliced_assignment_equals_full_assignment():
         merge_assignment_slices(parts + [parts[1]], len(x))
 
 
-def test_fit_delegates_full_assignments(tmp_path):
-    """A SLURM array can do every full assignment: the fit then never assigns the points itself."""
-    x = blobs(seed=5)
-    seen = []
-
-    def assign_all(centroids):
-        seen.append(centroids.shape[0])
-        parts = [(s, *assign_slice(x, centroids, s, min(s + 500, len(x)))) for s in range(0, len(x), 500)]
-        return merge_assignment_slices(parts, len(x))
-
-    cfg = KMeansConfig(n_clusters=[20, 4], n_resampling_steps=[2, 1], sample_size=[5, 2], n_iter=5)
-    tree = fit_hierarchical_kmeans(x, cfg, seed=1, assign_all=assign_all)
-    assert seen == [20, 20, 20]
-    reference = fit_hierarchical_kmeans(x, cfg, seed=1)
-    np.testing.assert_array_equal(tree.levels[0].assignment, reference.levels[0].assignment)
-
-
 def test_train_sample_fits_on_a_subset_and_assigns_all(monkeypatch):
     sizes = []
     real_lloyd = kmeans_module.lloyd
