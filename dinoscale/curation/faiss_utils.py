@@ -136,18 +136,29 @@ def nearest_centroids(x: np.ndarray, centroids: np.ndarray, n_nearest: int, rows
 
 
 def squared_distances(x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Squared L2 distance of row i of `x` (n, D) to each of its centroids `c` (n, m, D), in float64.
+    """Squared L2 distance of row i of `x` (n, D) to each of its centroids `c` (n, m, D), in float64,
+    summed in a fixed order (`_componentwise_sum`): the same bits for a pair in any batch."""
+    return _componentwise_sum(lambda lo, hi: c[lo:hi] - x[lo:hi, None], len(x), c.shape[1], c.shape[2], square=True)
 
-    Summed over the D components one at a time, element-wise: every pair gets the same bits in any
-    batch (a library reduction may change its order with the data's alignment or length)."""
-    out = np.empty(c.shape[:2])
-    rows_per_chunk = max(1, 2 ** 22 // (c.shape[1] * c.shape[2]))
-    for lo in range(0, len(x), rows_per_chunk):
-        diff = np.ascontiguousarray(np.moveaxis(c[lo:lo + rows_per_chunk] - x[lo:lo + rows_per_chunk, None], -1, 0))
-        total = np.zeros(diff.shape[1:])
-        for component in diff:
-            total += component * component
-        out[lo:lo + rows_per_chunk] = total
+
+def row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Dot product of row i of `a` with row i of `b` (both (n, D)) in float64, summed in a fixed order."""
+    return _componentwise_sum(lambda lo, hi: a[lo:hi, None] * b[lo:hi, None], len(a), 1, a.shape[1])[:, 0]
+
+
+def _componentwise_sum(terms, n: int, m: int, d: int, square: bool = False) -> np.ndarray:
+    """(n, m) sums over the last axis of `terms(lo, hi)` ((hi - lo, m, d), squared first if asked),
+    added one component at a time, element-wise: a library reduction may change its order with the
+    data's alignment or length, this one cannot."""
+    out = np.empty((n, m))
+    rows_per_chunk = max(1, 2 ** 22 // (m * d))
+    for lo in range(0, n, rows_per_chunk):
+        hi = min(lo + rows_per_chunk, n)
+        components = np.ascontiguousarray(np.moveaxis(np.asarray(terms(lo, hi), dtype=np.float64), -1, 0))
+        total = np.zeros(components.shape[1:])
+        for component in components:
+            total += component * component if square else component
+        out[lo:hi] = total
     return out
 
 
