@@ -230,6 +230,8 @@ class EmbedConfig:
     batch_size: int = knob(64, "images per forward", min=1)
     features: str = knob("cls", "which features to embed", choices=["cls", "cls_patchmean"])
     embeddings_file: str = knob("", "start from precomputed N x D embeddings (.npy) instead of images")
+    dtype: str = knob("float16", "how embeddings are stored: float16 (half the disk and memory of float32) or "
+                                 "float32", choices=["float16", "float32"])
     num_workers: int = knob(2, "data-loader processes decoding images", min=0)
     precision: str = knob("auto", "bf16 autocast where the hardware has it (auto), always, or never",
                           choices=["auto", "bf16", "fp32"])
@@ -316,6 +318,8 @@ class CurationConfig:
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     report_examples: int = knob(8, "report: duplicate groups and top-level clusters shown, and images per cluster",
                                 min=0)
+    distributed_timeout_s: int = knob(1800, "under torchrun or a multi-task SLURM job: the longest a rank waits in "
+                                            "a collective for the others before the job stops", min=1)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -11,10 +11,16 @@ block boundaries (embedding batches, assignment blocks, whole shards), so the me
 byte-identical to a single-process run whatever n is. `run_stage(cfg, name)` without a slice
 merges a complete set of slices already on disk, or runs the stage as one slice.
 
-The k-means tree is fitted in one process on the dedup survivors, or on `kmeans.train_sample`
-of them (then its resampling steps also see only the sample); the `assign` stage then puts
-every survivor in its nearest first-level cluster, in parallel. Sampling, retrieval (when
-`retrieval.seed_sets` are given) and the shards use that full assignment.
+The embed stage's slices stay where they were written: merging lists them as one row store
+(`store`), which the later stages read through memory maps, each rank its own rows.
+
+`dedup`, `kmeans` and `sample` are collective: under torchrun or a multi-task SLURM job
+(`launch.curation_ranks`) every rank runs them on its own blocks of rows and exchanges what it
+must, and rank 0 writes the output; the parallel stages then run one slice per rank, merged by
+rank 0, and `report` runs on rank 0. The results are those of a single process. The k-means tree
+is fitted on the dedup survivors (its first k-means on `kmeans.train_sample` of them, if set);
+the `assign` stage then puts every survivor in its nearest first-level cluster, in parallel.
+Sampling, retrieval (when `retrieval.seed_sets` are given) and the shards use that assignment.
 """
 
 from __future__ import annotations
@@ -33,13 +39,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from dinoscale.config import config_hash
 from dinoscale.curation import embed as embedding
+from dinoscale.curation.collective import Comm, block_range
 from dinoscale.curation.dedup import DedupResult, deduplicate, load_dedup_result, save_dedup_result
 from dinoscale.curation.kmeans import (ClusterLevel, ClusterTree, assign_slice, fit_hierarchical_kmeans,
                                        merge_assignment_slices)
+from dinoscale.curation.launch import curation_ranks
 from dinoscale.curation.report import write_curation_report
 from dinoscale.curation.retrieval import retrieval_curation
 from dinoscale.curation.sampling import hierarchical_sample
 from dinoscale.curation.shards import Selection, write_manifest, write_shard_slice
+from dinoscale.curation.store import RowStore, RowSubset
 from dinoscale.data.pool import ImagePool, open_pool
 from dinoscale.errors import ConfigError, DataError
 from dinoscale.utils.io import atomic_dir, read_json, save_npy, write_json
@@ -50,7 +59,8 @@ log = get_logger(__name__)
 
 STAGES = ("embed", "dedup", "kmeans", "assign", "sample", "shards", "report")
 PARALLEL_STAGES = ("embed", "assign", "shards")
-SLICES = "_slices"
+COLLECTIVE_STAGES = ("dedup", "kmeans", "sample")
+SLICES = "parts"
 SLICE_NAME = re.compile(r"\d{5}-of-(\d{5})")  # killed writes leave hidden '.NAME.xxx.tmp' folders beside
 ASSIGN_BLOCK_ROWS = 16384  # assignment work unit: slices are runs of whole blocks
 
@@ -78,27 +88,36 @@ def stage_is_done(cfg: DictConfig, name: str) -> bool:
 
 
 def run_stage(cfg: DictConfig, name: str, slice: Slice | None = None) -> dict:
-    """Run one stage (or one slice of a parallel stage) unless it is done; returns its counts."""
+    """Run one stage (or one slice of a parallel stage) unless it is done; returns its counts.
+    On every rank of a process group: see the module docstring."""
     _check_stage_name(name)
+    comm = Comm.current()
     if slice is not None and not stage_is_parallel(name):
         raise ConfigError(f"stage '{name}' runs in one process; only {', '.join(PARALLEL_STAGES)} take --slice")
+    if slice is not None and comm.world > 1:
+        raise ConfigError(f"--slice runs one slice in one process; under torchrun or a multi-task job the "
+                          f"{comm.world} ranks share stage '{name}' out themselves: drop --slice")
     run = _Run(cfg)
     run.require_upstream(name)
-    if is_done(run.dir(name), run.key(name)):
+    if comm.broadcast(is_done(run.dir(name), run.key(name))):
         log.info("%s: already done, skipping", name)
         return read_marker(run.dir(name))["counts"]
     if slice is not None:
         return run.run_slice(name, *_check_slice(slice))
     if stage_is_parallel(name):
-        n = run.complete_slice_count(name) or 1
-        if n == 1:
-            run.run_slice(name, 0, 1)
-        return merge_stage(cfg, name, n)
+        n = comm.world if comm.world > 1 else run.complete_slice_count(name) or 1
+        if comm.world > 1 or n == 1:
+            run.run_slice(name, comm.rank, n)
+        comm.barrier()
+        counts = merge_stage(cfg, name, n) if comm.is_main else None
+        return comm.broadcast(counts)
     start = time.perf_counter()
-    counts = STAGE_BODIES[name](run)
-    mark_done(run.dir(name), run.key(name), counts, time.perf_counter() - start)
-    log.info("%s: done %s", name, counts)
-    return counts
+    counts = STAGE_BODIES[name](run) if name in COLLECTIVE_STAGES or comm.is_main else None
+    if comm.is_main:
+        mark_done(run.dir(name), run.key(name), counts, time.perf_counter() - start)
+        log.info("%s: done %s", name, counts)
+    comm.barrier()
+    return comm.broadcast(counts)
 
 
 def merge_stage(cfg: DictConfig, name: str, n: int) -> dict:
@@ -115,18 +134,25 @@ def merge_stage(cfg: DictConfig, name: str, n: int) -> dict:
     start = time.perf_counter()
     counts = MERGERS[name](run, n)
     mark_done(run.dir(name), run.key(name), counts, time.perf_counter() - start)
-    shutil.rmtree(run.dir(name) / SLICES, ignore_errors=True)
+    kept = {run.slice_dir(name, i, n).name for i in range(n)} if name == "embed" else set()  # the embedding store
+    for stale in sorted((run.dir(name) / SLICES).glob("*")) if (run.dir(name) / SLICES).exists() else []:
+        if stale.name not in kept:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    if not kept:
+        shutil.rmtree(run.dir(name) / SLICES, ignore_errors=True)
     log.info("%s: merged %d slices %s", name, n, counts)
     return counts
 
 
 def run_curation(cfg: DictConfig, stage: str | None = None, slice: Slice | None = None) -> dict:
-    """Run every unfinished stage in order, or only `stage` (and only `slice` of it)."""
-    if stage is not None:
-        return {stage: run_stage(cfg, stage, slice)}
-    if slice is not None:
+    """Run every unfinished stage in order, or only `stage` (and only `slice` of it); on every rank
+    when launched as several (torchrun, a multi-task SLURM job)."""
+    if stage is None and slice is not None:
         raise ConfigError("--slice needs --stage: name the parallel stage the slice belongs to")
-    return {name: run_stage(cfg, name) for name in list_stages(cfg)}
+    with curation_ranks(cfg):
+        if stage is not None:
+            return {stage: run_stage(cfg, stage, slice)}
+        return {name: run_stage(cfg, name) for name in list_stages(cfg)}
 
 
 # ----------------------------------------------------------------------------- shared state of one call
@@ -222,18 +248,22 @@ class _Run:
         return counts
 
     # ------------------------------------------------------------------ inputs of later stages
-    def embeddings(self) -> np.ndarray:
-        return np.load(self.dir("embed") / "embeddings.npy", mmap_mode="r")
+    def embedded(self, name: str = embedding.MAIN) -> RowStore:
+        """Array `name` of the embed stage's row store (read through memory maps, row by row)."""
+        return RowStore.open(self.dir("embed"), name)
+
+    def embeddings(self) -> RowStore:
+        return self.embedded(embedding.MAIN)
 
     def candidates(self) -> np.ndarray:
         """Pool indices that survive dedup (sorted)."""
         return np.load(self.dir("dedup") / "candidates.npy")
 
     def tree(self) -> ClusterTree:
-        """The fitted tree with its first level assigned over every candidate."""
+        """The fitted tree with its first level assigned over every candidate (memory-mapped)."""
         fitted = ClusterTree.load(self.dir("kmeans") / "levels")
-        first = ClusterLevel(fitted.levels[0].centroids, np.load(self.dir("assign") / "assignment.npy"),
-                             np.load(self.dir("assign") / "distances.npy"))
+        first = ClusterLevel(fitted.levels[0].centroids, np.load(self.dir("assign") / "assignment.npy", mmap_mode="r"),
+                             np.load(self.dir("assign") / "distances.npy", mmap_mode="r"))
         return ClusterTree([first, *fitted.levels[1:]])
 
     def selection(self) -> Selection:
@@ -253,7 +283,8 @@ def _embed_slice(run: _Run, i: int, n: int, directory: Path) -> dict:
         n_items = embedding.load_embeddings_file(cur.embeddings_file, None).shape[0]
     rows = embedding.embed_slice_range(n_items, cur.batch_size, i, n)
     embedders = embedding.pool_embedders(cur) if run.pool is not None else {}
-    result = embedding.embed_slice(run.pool, rows, embedders, cur.embeddings_file, cur.batch_size, cur.num_workers)
+    result = embedding.embed_slice(run.pool, rows, embedders, cur.embeddings_file, cur.batch_size, cur.num_workers,
+                                   cur.dtype)
     counts = {"start": rows.start, "items": len(rows), "valid": int(result.arrays["valid"].sum()),
               "skipped": result.skipped}
     with atomic_dir(directory) as tmp:
@@ -264,7 +295,7 @@ def _embed_slice(run: _Run, i: int, n: int, directory: Path) -> dict:
 
 def _embed_merge(run: _Run, n: int) -> dict:
     slices = [run.slice_dir("embed", i, n) for i in range(n)]
-    counts = embedding.merge_slices(slices, run.dir("embed"))
+    counts = embedding.list_slices(slices, run.dir("embed"))
     skipped: dict[str, int] = {}
     for d in slices:
         for reason, k in read_marker(d)["counts"]["skipped"].items():
@@ -281,26 +312,44 @@ def dedup_embedder(cur: DictConfig) -> tuple[str, int]:
 
 
 def _dedup(run: _Run) -> dict:
-    directory = run.dir("embed")
-    copy_file = directory / f"{embedding.COPY}.npy"
-    x = np.load(copy_file, mmap_mode="r") if copy_file.exists() else run.embeddings()
-    valid = np.load(directory / "valid.npy")
-    hashes = None
-    if run.pool is not None:
-        hashes = np.load(directory / "content_hashes.npy")
-        # unreadable files must not be grouped by their (often equal, e.g. empty) bytes
-        hashes[~valid] = [f"unreadable-{i}".encode() for i in np.flatnonzero(~valid)]
+    x = run.embedded(embedding.COPY) if (run.dir("embed") / _first_part(run) / f"{embedding.COPY}.npy").exists() \
+        else run.embeddings()
+    valid = np.asarray(run.embedded("valid"))
+    hashes = _ReadableHashes(run.embedded("content_hashes"), valid) if run.pool is not None else None
     backbone, image_size = dedup_embedder(run.cur.embed)
     references = [embedding.embed_reference_set(p, backbone, image_size, run.cur.embed)
                   for p in run.cur.dedup.decontamination_sets]
-    result = deduplicate(x, run.cur.dedup, hashes=hashes, pixel_counts=np.load(directory / "pixel_counts.npy"),
+    result = deduplicate(x, run.cur.dedup, hashes=hashes, pixel_counts=run.embedded("pixel_counts"),
                          keys=run.pool.keys if run.pool is not None else None, reference_sets=references,
                          seed=run.cfg.seed)
     keep = result.keep & valid
-    with atomic_dir(run.dir("dedup")) as tmp:
-        save_dedup_result(DedupResult(keep, result.groups, result.contaminated, result.counts), tmp)
-        save_npy(tmp / "candidates.npy", np.flatnonzero(keep).astype(np.int64))
+    if Comm.current().is_main:
+        with atomic_dir(run.dir("dedup")) as tmp:
+            save_dedup_result(DedupResult(keep, result.groups, result.contaminated, result.counts), tmp)
+            save_npy(tmp / "candidates.npy", np.flatnonzero(keep).astype(np.int64))
     return {**result.counts, "unreadable": int((~valid).sum()), "candidates": int(keep.sum())}
+
+
+def _first_part(run: _Run) -> str:
+    return read_json(run.dir("embed") / "rows.json")["parts"][0]["dir"]
+
+
+class _ReadableHashes:
+    """The content hashes, with each unreadable file's replaced by one of its own: unreadable files
+    must not be grouped by their (often equal, e.g. empty) bytes."""
+
+    def __init__(self, hashes: RowStore, valid: np.ndarray):
+        self.hashes, self.valid = hashes, valid
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        digests = np.asarray(self.hashes[rows]).astype(object)
+        positions = np.arange(len(self.hashes))[rows]
+        for j in np.flatnonzero(~self.valid[rows]):
+            digests[j] = f"unreadable-{positions[j]}"
+        return digests
 
 
 def duplicate_group_of(result: DedupResult, n_items: int) -> np.ndarray:
@@ -316,16 +365,11 @@ def _kmeans(run: _Run) -> dict:
     candidates = run.candidates()
     if len(candidates) == 0:
         raise DataError("no image survived dedup; check curation.dedup.threshold and the embed stage's skips")
-    kcfg = OmegaConf.create(OmegaConf.to_container(run.cur.kmeans, resolve=True))
-    fit_rows = np.arange(len(candidates))
-    if kcfg.train_sample is not None and kcfg.train_sample < len(candidates):
-        rng = np.random.default_rng((run.cfg.seed, 1))
-        fit_rows = np.sort(rng.choice(len(candidates), size=kcfg.train_sample, replace=False))
-    kcfg.train_sample = None  # the sample is drawn here; the assign stage covers every candidate
-    x = np.asarray(run.embeddings()[candidates[fit_rows]])
-    tree = fit_hierarchical_kmeans(x, kcfg, checkpoint_dir=run.dir("kmeans") / "levels", seed=run.cfg.seed)
-    save_npy(run.dir("kmeans") / "fit_rows.npy", fit_rows)
-    return {"fit_points": len(fit_rows), "clusters_per_level": [level.n_clusters for level in tree.levels]}
+    tree = fit_hierarchical_kmeans(RowSubset(run.embeddings(), candidates), run.cur.kmeans,
+                                   checkpoint_dir=run.dir("kmeans") / "levels", seed=run.cfg.seed)
+    return {"fit_points": len(candidates) if run.cur.kmeans.train_sample is None
+            else min(len(candidates), run.cur.kmeans.train_sample),
+            "clusters_per_level": [level.n_clusters for level in tree.levels]}
 
 
 def assign_rows(embeddings: np.ndarray, candidates: np.ndarray, centroids: np.ndarray, rows: range,
@@ -341,15 +385,9 @@ def assign_rows(embeddings: np.ndarray, candidates: np.ndarray, centroids: np.nd
     return assignment, distances
 
 
-def block_slice(n_rows: int, block_rows: int, i: int, n: int) -> range:
-    """Rows of slice i of n: a contiguous run of whole blocks."""
-    n_blocks = -(-n_rows // block_rows)
-    return range(min(i * n_blocks // n * block_rows, n_rows), min((i + 1) * n_blocks // n * block_rows, n_rows))
-
-
 def _assign_slice(run: _Run, i: int, n: int, directory: Path) -> dict:
     candidates = run.candidates()
-    rows = block_slice(len(candidates), ASSIGN_BLOCK_ROWS, i, n)
+    rows = block_range(len(candidates), i, n, ASSIGN_BLOCK_ROWS)
     centroids = ClusterTree.load(run.dir("kmeans") / "levels").levels[0].centroids
     assignment, distances = assign_rows(run.embeddings(), candidates, centroids, rows)
     counts = {"start": rows.start, "items": len(rows)}
@@ -376,7 +414,6 @@ def _assign_merge(run: _Run, n: int) -> dict:
 # ----------------------------------------------------------------------------- sample (+ retrieval)
 def _sample(run: _Run) -> dict:
     tree, candidates = run.tree(), run.candidates()
-    paths = tree.point_clusters()
     sampled = hierarchical_sample(tree, run.cur.sampling, seed=run.cfg.seed)
     indices, cluster_path = [candidates[sampled.indices]], [sampled.cluster_path]
     sources, source = ["sampling"], [np.zeros(len(sampled.indices), dtype=np.int64)]
@@ -394,15 +431,16 @@ def _sample(run: _Run) -> dict:
         new = ~np.isin(found.indices, indices[0])
         position = np.searchsorted(candidates, found.indices[new])
         indices.append(found.indices[new])
-        cluster_path.append(paths[position])
+        cluster_path.append(tree.point_clusters()[position])
         source.append(1 + found.seed_set[new])
         sources += [f"retrieval:{Path(p).name}" for p in run.cur.retrieval.seed_sets]
         counts["retrieved"] = int(new.sum())
-    with atomic_dir(run.dir("sample")) as tmp:
-        save_npy(tmp / "selected.npy", np.concatenate(indices).astype(np.int64))
-        save_npy(tmp / "cluster_path.npy", np.concatenate(cluster_path).astype(np.int64))
-        save_npy(tmp / "source.npy", np.concatenate(source).astype(np.int64))
-        write_json(tmp / "sources.json", sources)
+    if Comm.current().is_main:
+        with atomic_dir(run.dir("sample")) as tmp:
+            save_npy(tmp / "selected.npy", np.concatenate(indices).astype(np.int64))
+            save_npy(tmp / "cluster_path.npy", np.concatenate(cluster_path).astype(np.int64))
+            save_npy(tmp / "source.npy", np.concatenate(source).astype(np.int64))
+            write_json(tmp / "sources.json", sources)
     return {**counts, "selected": int(sum(len(i) for i in indices))}
 
 

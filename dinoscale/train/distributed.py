@@ -9,6 +9,7 @@ import gc
 import os
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Iterator
 
 import torch
@@ -53,9 +54,10 @@ def env_from_slurm() -> dict[str, str]:
     }
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout: timedelta | None = None) -> DistInfo:
     """Initialise the process group: the ranks torchrun or SLURM launched, else a world of one
-    (an in-process store; no port is opened)."""
+    (an in-process store; no port is opened). `timeout` bounds every collective (None: torch's
+    default)."""
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         os.environ.update(env_from_slurm())
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -69,17 +71,17 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         store = dist.HashStore() if world_size == 1 else None
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, store=store,
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, store=store, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, world_size, local_rank, device)
 
 
 @contextlib.contextmanager
-def process_group() -> Iterator[DistInfo]:
+def process_group(timeout: timedelta | None = None) -> Iterator[DistInfo]:
     """`init_distributed` for the duration of the block; a process group it started is destroyed
     at the end (one that existed before is left alone)."""
     started = not dist.is_initialized()
-    info = init_distributed()
+    info = init_distributed(timeout)
     try:
         yield info
     finally:
