@@ -25,18 +25,20 @@ import torch.distributed as dist
 
 from dinoscale.errors import DataError
 
-BLOCK_ROWS = 16384
+BLOCK_ROWS = 16384  # read at call time: tests shrink it to cut small data into many blocks
 
 
-def block_range(n_rows: int, rank: int, world: int, block_rows: int = BLOCK_ROWS) -> range:
+def block_range(n_rows: int, rank: int, world: int, block_rows: int | None = None) -> range:
     """Rows of `rank` out of `world`: a contiguous run of whole blocks, block counts as even as possible."""
+    block_rows = block_rows or BLOCK_ROWS
     n_blocks = -(-n_rows // block_rows)
     first, last = rank * n_blocks // world, (rank + 1) * n_blocks // world
     return range(min(first * block_rows, n_rows), min(last * block_rows, n_rows))
 
 
-def blocks_of(rows: range, block_rows: int = BLOCK_ROWS) -> list[range]:
+def blocks_of(rows: range, block_rows: int | None = None) -> list[range]:
     """The fixed blocks that make up `rows` (which starts on a block boundary)."""
+    block_rows = block_rows or BLOCK_ROWS
     return [range(lo, min(lo + block_rows, rows.stop)) for lo in range(rows.start, rows.stop, block_rows)]
 
 
@@ -61,7 +63,7 @@ class Comm:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def rows(self, n_rows: int, block_rows: int = BLOCK_ROWS) -> range:
+    def rows(self, n_rows: int, block_rows: int | None = None) -> range:
         """This rank's rows of a set of `n_rows`."""
         return block_range(n_rows, self.rank, self.world, block_rows)
 
@@ -148,9 +150,10 @@ class Comm:
                             f"{', '.join(keys)}: {seen}); {fix}")
 
 
-def block_uniforms(rows: range, stream: int, block_rows: int = BLOCK_ROWS) -> np.ndarray:
+def block_uniforms(rows: range, stream: int, block_rows: int | None = None) -> np.ndarray:
     """A uniform random number in [0, 1) per row of `rows` (this rank's), drawn block by block from
     generators seeded by (`stream`, block): the same number for the same row on any world size."""
+    block_rows = block_rows or BLOCK_ROWS
     first_block = rows.start // block_rows
     return np.concatenate([np.zeros(0)] + [np.random.default_rng((stream, first_block + b)).random(len(block))
                                            for b, block in enumerate(blocks_of(rows, block_rows))])
