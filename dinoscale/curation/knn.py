@@ -124,16 +124,24 @@ class ShardedCosineIndex:
                 mine = owner == self.comm.rank
                 query_ids = ids[blocks[b]] if mine else np.zeros(0, dtype=np.int64)
                 queries = l2_normalize(x[query_ids]) if mine else np.zeros((0, self.dim), dtype=np.float32)
+                probes = self._probes(queries)  # found once, by the owner; they travel with the queries
                 lengths = [0] * self.comm.world
                 lengths[owner] = int(self.comm.broadcast(len(query_ids), src=owner))
-                query_ids, queries = self.comm.concat(query_ids, lengths), self.comm.concat(queries, lengths)
-                found = self._search_shard(queries, query_ids, k, threshold)
+                query_ids, queries, probes = (self.comm.concat(a, lengths) for a in (query_ids, queries, probes))
+                found = self._search_shard(queries, probes, k, threshold)
                 answers = [self.comm.concat(part) for part in (found.ids, found.scores, found.above)]
                 if mine:
                     on_result(query_ids, _merge(*answers, self.comm.world, k))
 
-    def _search_shard(self, queries: np.ndarray, query_ids: np.ndarray, k: int, threshold: float) -> Neighbours:
-        """This shard's k best rows for each query, decided exactly near the threshold."""
+    def _probes(self, queries: np.ndarray) -> np.ndarray:
+        """The lists each query scans ((q, 0) for an exact index)."""
+        if self.quantizer is None:
+            return np.zeros((len(queries), 0), dtype=np.int64)
+        return _nearest_lists(queries, self.quantizer, self.index.nprobe)
+
+    def _search_shard(self, queries: np.ndarray, probes: np.ndarray, k: int, threshold: float) -> Neighbours:
+        """This shard's k best rows for each query (scanning lists `probes` of an inverted file), decided
+        exactly near the threshold."""
         if self.index.ntotal == 0:
             shape = (len(queries), k)
             return Neighbours(np.full(shape, -1), np.full(shape, -np.inf, dtype=np.float32), np.zeros(shape, bool))
@@ -141,7 +149,6 @@ class ShardedCosineIndex:
             scores, positions = self.index.search(queries, k)
             found = np.where(positions >= 0, self.ids[np.maximum(positions, 0)], -1)
         else:
-            probes = _nearest_lists(queries, self.quantizer, self.index.nprobe)
             scores, found = self.index.search_preassigned(queries, k, probes, np.zeros(probes.shape, np.float32))
         error = np.abs(queries) @ self.step + 2 * (self.dim + 4) * FP32_UNIT_ROUNDOFF
         above = (scores > threshold) & (found >= 0)
