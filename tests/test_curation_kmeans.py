@@ -16,6 +16,7 @@ from dinoscale.curation.kmeans import (
     merge_assignment_slices,
 )
 from dinoscale.curation.lloyd import _Bf16NearestCentroid, lloyd
+from dinoscale.curation.points import Points
 from dinoscale.curation.sampling import hierarchical_sample
 from dinoscale.curation.seeding import greedy_kmeans_plus_plus, seed_rows
 from dinoscale.errors import ConfigError, DataError
@@ -107,13 +108,14 @@ def test_resampling_picks_the_points_closest_to_each_centroid():
     rng = np.random.default_rng(1)
     assignment = rng.integers(0, 7, 300)
     distances = rng.random(300).astype(np.float32)
-    picked = kmeans_module._resampling_picks(assignment, distances, 4, "closest", rng)
+    items = Points.of(np.zeros((300, 2), dtype=np.float32))
+    picked = np.flatnonzero(kmeans_module._resampling_picks(items, assignment, distances, 4, "closest", rng))
     expected = []
     for c in range(7):
         members = np.flatnonzero(assignment == c)
         expected.extend(members[np.argsort(distances[members])[:4]])
     assert sorted(picked.tolist()) == sorted(int(i) for i in expected)
-    random_picks = kmeans_module._resampling_picks(assignment, distances, 4, "random", rng)
+    random_picks = kmeans_module._resampling_picks(items, assignment, distances, 4, "random", rng)
     assert np.bincount(assignment[random_picks], minlength=7).tolist() == [
         min(4, int((assignment == c).sum())) for c in range(7)]
 
@@ -282,7 +284,7 @@ def test_sliced_assignment_equals_full_assignment():
 def test_train_sample_fits_on_a_subset_and_assigns_all(monkeypatch):
     sizes = []
     real_lloyd = kmeans_module.lloyd
-    monkeypatch.setattr(kmeans_module, "lloyd", lambda points, *a: sizes.append(len(points)) or real_lloyd(points, *a))
+    monkeypatch.setattr(kmeans_module, "lloyd", lambda points, *a: sizes.append(points.n) or real_lloyd(points, *a))
     x = blobs(seed=6, n=3000)
     cfg = KMeansConfig(n_clusters=[25], n_resampling_steps=[0], sample_size=[1], n_iter=5, train_sample=500)
     tree = fit_hierarchical_kmeans(x, cfg)

@@ -140,8 +140,9 @@ class ClusterSums:
 
     def means(self, fallback: np.ndarray) -> np.ndarray:
         """Mean of each cluster's points over all ranks (float64); empty clusters keep `fallback`."""
-        comm = self.points.comm
-        sums, counts = comm.sum(self.sums.numpy()), comm.sum(self.counts)
+        # one all-reduce: the counts ride along as a last column
+        reduced = self.points.comm.sum(np.concatenate([self.sums.numpy(), self.counts[:, None]], axis=1))
+        sums, counts = reduced[:, :-1], reduced[:, -1]
         means = np.array(fallback, dtype=np.float64)
         filled = counts > 0
         means[filled] = sums[filled].astype(np.float64) * 2.0 ** -self.shift / counts[filled, None]

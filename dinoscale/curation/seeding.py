@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dinoscale.curation.collective import Comm
 from dinoscale.curation.points import Points, as_points
 from dinoscale.utils.device import autocast_dtype, default_device, torch_threads
 
@@ -61,8 +62,18 @@ def greedy_kmeans_plus_plus(points: Points | np.ndarray, k: int, rng: np.random.
 
     `screen` (default: where bf16 matmuls are native and there are SCREEN_MIN_DIM dimensions or
     more) skips the exact distances of points no candidate can come closer to; the seeds are the
-    same either way."""
+    same either way. Points that one rank holds alone are seeded by that rank alone (the others
+    wait for the seeds): the same computation, without an exchange per step."""
     points = as_points(points)
+    holders = np.flatnonzero(points.blocks_per_rank())
+    if points.comm.world > 1 and len(holders) == 1:
+        seeds = None
+        if points.comm.rank == holders[0]:
+            alone = Points(points.source, points.n, points.dim, points.rows, points.first, Comm())
+            seeds = greedy_kmeans_plus_plus(alone, k, rng, screen)
+        seeds, state = points.comm.broadcast((seeds, rng.bit_generator.state), src=int(holders[0]))
+        rng.bit_generator.state = state  # every rank's generator goes on from where the holder's is
+        return seeds
     device = default_device()
     # centred (distances are unchanged; the expansion below loses less to rounding) on the same mean everywhere
     x = torch.from_numpy(points.local() - points.mean().astype(np.float32)).to(device)
@@ -80,48 +91,66 @@ def greedy_kmeans_plus_plus(points: Points | np.ndarray, k: int, rng: np.random.
         seed = _rows_at(points, x, chosen)
         closest = torch.empty(points.n_local, device=device)
         for block in blocks:
-            closest[block] = distances.exact(block, seed)[:, 0]
+            closest[block] = distances.exact(block, seed, (seed * seed).sum(dim=1))[:, 0]
+        # each block's sum of `closest`, on every rank (afterwards, each step's gather brings the new ones)
+        totals = points.comm.concat(_block_sums(closest, blocks), blocks_per_rank)
         for _ in range(1, k):
-            cumulative = [torch.cumsum(closest[block], 0, dtype=torch.float64) for block in blocks]
-            totals = np.array([float(c[-1]) for c in cumulative])
-            block_ends = np.cumsum(points.comm.concat(totals, blocks_per_rank))
+            block_ends = np.cumsum(totals)
             draws = rng.random(n_candidates) * block_ends[-1]
             in_block = np.minimum(np.searchsorted(block_ends, draws), len(block_ends) - 1)
+            before = np.where(in_block > 0, block_ends[np.maximum(in_block - 1, 0)], 0.0)
             candidates = np.full(n_candidates, -1, dtype=np.int64)
-            for j in np.flatnonzero((in_block >= first_block) & (in_block < first_block + len(blocks))):
-                b = in_block[j] - first_block
-                before = block_ends[in_block[j] - 1] if in_block[j] > 0 else 0.0
-                target = torch.tensor([draws[j] - before], dtype=torch.float64, device=device)
-                within = min(int(torch.searchsorted(cumulative[b], target)), len(cumulative[b]) - 1)
-                candidates[j] = points.rows.start + blocks[b].start + within
-            candidates = points.comm.max(candidates)
-            vectors = _rows_at(points, x, candidates)
-            improvements, updates = [], []
+            for b in np.unique(in_block[(in_block >= first_block) & (in_block < first_block + len(blocks))]):
+                hits = np.flatnonzero(in_block == b)
+                cumulative = torch.cumsum(closest[blocks[b - first_block]], 0, dtype=torch.float64)
+                targets = torch.from_numpy(draws[hits] - before[hits]).to(device)
+                within = torch.searchsorted(cumulative, targets).clamp_(max=len(cumulative) - 1).cpu().numpy()
+                candidates[hits] = points.rows.start + blocks[b - first_block].start + within
+            candidates, vectors = _candidates_everywhere(points, x, candidates)
+            sq_vectors = (vectors * vectors).sum(dim=1)
+            new_totals, updates = [], []
             for block in blocks:
-                rows = distances.rows_a_candidate_may_improve(block, vectors, closest)
+                rows = distances.rows_a_candidate_may_improve(block, vectors, sq_vectors, closest)
                 current = closest[rows, None]
-                updated = torch.minimum(distances.exact(rows, vectors), current)
-                improvements.append((current - updated).sum(dim=0, dtype=torch.float64).cpu().numpy())
+                updated = torch.minimum(distances.exact(rows, vectors, sq_vectors), current)
+                # the block's sum of `closest` if candidate j is chosen, for every j
+                unchanged = closest[block].sum(dtype=torch.float64) - current.sum(dtype=torch.float64)
+                new_totals.append(unchanged + updated.sum(dim=0, dtype=torch.float64))
                 updates.append((rows, updated))
-            local = np.array(improvements).reshape(len(blocks), n_candidates)
-            best = int(np.argmax(points.comm.concat(local, blocks_per_rank).sum(axis=0)))
+            local = torch.stack(new_totals).cpu().numpy() if blocks else np.zeros((0, n_candidates))
+            new_totals = points.comm.concat(local, blocks_per_rank)
+            best = int(np.argmin(new_totals.sum(axis=0)))  # the candidate that lowers the sum most
             for rows, updated in updates:
                 closest[rows] = updated[:, best]
+            totals = new_totals[:, best]
             chosen.append(int(candidates[best]))
     return np.array(chosen, dtype=np.int64)
+
+
+def _block_sums(values: torch.Tensor, blocks: list[slice]) -> np.ndarray:
+    """Each block's sum of `values` in float64."""
+    return np.array([float(values[block].sum(dtype=torch.float64)) for block in blocks])
+
+
+def _candidates_everywhere(points: Points, x: torch.Tensor, candidates: np.ndarray
+                           ) -> tuple[np.ndarray, torch.Tensor]:
+    """The candidates' global rows and centred vectors on every rank, from the ranks that drew them
+    (-1 elsewhere): one all-reduce, exact since each entry has one contributor."""
+    if points.comm.world == 1:
+        return candidates, x[torch.from_numpy(candidates - points.rows.start).to(x.device)]
+    mine = np.flatnonzero(candidates >= 0)
+    packed = np.zeros((len(candidates), 1 + x.shape[1]))
+    packed[mine, 0] = candidates[mine] + 1
+    packed[mine, 1:] = x[torch.from_numpy(candidates[mine] - points.rows.start).to(x.device)].double().cpu().numpy()
+    packed = points.comm.sum(packed)
+    return packed[:, 0].astype(np.int64) - 1, torch.from_numpy(packed[:, 1:].astype(np.float32)).to(x.device)
 
 
 def _rows_at(points: Points, x: torch.Tensor, positions) -> torch.Tensor:
     """The centred rows at global `positions`, gathered from the ranks that hold them."""
     positions = np.asarray(positions, dtype=np.int64)
-    if points.comm.world == 1:
-        return x[torch.from_numpy(positions).to(x.device)]
-    mine = np.flatnonzero((positions >= points.rows.start) & (positions < points.rows.stop))
-    rows = x[torch.from_numpy(positions[mine] - points.rows.start).to(x.device)].double().cpu().numpy()
-    packed = points.comm.concat(np.concatenate([mine[:, None].astype(np.float64), rows], axis=1))
-    out = np.empty((len(positions), x.shape[1]), dtype=np.float32)
-    out[packed[:, 0].astype(np.int64)] = packed[:, 1:]
-    return torch.from_numpy(out).to(x.device)
+    mine = np.where((positions >= points.rows.start) & (positions < points.rows.stop), positions, -1)
+    return _candidates_everywhere(points, x, mine)[1]
 
 
 class _ExactDistances:
@@ -132,12 +161,12 @@ class _ExactDistances:
         self.x = x
         self.sq_norms = (x * x).sum(dim=1)
 
-    def exact(self, rows: torch.Tensor | slice, columns: torch.Tensor) -> torch.Tensor:  # (len(rows), len(columns))
-        sq_columns = (columns * columns).sum(dim=1)
+    def exact(self, rows: torch.Tensor | slice, columns: torch.Tensor, sq_columns: torch.Tensor
+              ) -> torch.Tensor:  # (len(rows), len(columns)); sq_columns: their squared norms
         return torch.addmm(self.sq_norms[rows, None], self.x[rows], columns.T, alpha=-2).add_(sq_columns).clamp_(min=0)
 
-    def rows_a_candidate_may_improve(self, block: slice, candidates: torch.Tensor, closest: torch.Tensor
-                                     ) -> torch.Tensor | slice:
+    def rows_a_candidate_may_improve(self, block: slice, candidates: torch.Tensor, sq_candidates: torch.Tensor,
+                                     closest: torch.Tensor) -> torch.Tensor | slice:
         return block
 
 
@@ -163,9 +192,8 @@ class _ScreenedDistances(_ExactDistances):
         self.dot_error = 2 * (3 * u + 2 * u * u + 2 * d * FP32_UNIT_ROUNDOFF)  # per |x||c|, on -2x·c
         self.keep_fraction = 1 - (d + 4) * FP32_UNIT_ROUNDOFF  # of |x|² + |c|²
 
-    def rows_a_candidate_may_improve(self, block: slice, candidates: torch.Tensor, closest: torch.Tensor
-                                     ) -> torch.Tensor:
-        sq_candidates = (candidates * candidates).sum(dim=1)
+    def rows_a_candidate_may_improve(self, block: slice, candidates: torch.Tensor, sq_candidates: torch.Tensor,
+                                     closest: torch.Tensor) -> torch.Tensor:
         dots = candidates.bfloat16().matmul(self.x_bf16[block].T).float()  # (candidates, rows of the block)
         # screened |x|² + |c|² - 2x·c minus both error bounds < closest, rearranged as lhs > rhs
         lhs = torch.addr(dots, sq_candidates.sqrt(), self.norms[block], beta=2, alpha=self.dot_error)
