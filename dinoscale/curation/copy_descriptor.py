@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dinoscale.errors import ConfigError
 from dinoscale.eval.features import IMAGENET_MEAN, IMAGENET_STD
 
 LAYOUT_GRID = 8
@@ -46,9 +48,7 @@ class CopyDescriptorEmbedder:
 
 def copy_descriptor(images: Tensor) -> Tensor:
     """(B, dim) L2-normalised descriptors of ImageNet-normalised images (B, 3, S, S)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    rgb = (images.float() * std + mean).clamp_(0, 1)
+    rgb = _rgb(images)
     side = rgb.shape[-1]
     luma = (rgb * torch.tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
     blocks = {
@@ -58,6 +58,13 @@ def copy_descriptor(images: Tensor) -> Tensor:
     }
     joined = torch.cat([blocks[name] * math.sqrt(weight) for name, weight in BLOCK_WEIGHTS.items()], dim=1)
     return F.normalize(joined, dim=1)
+
+
+def _rgb(images: Tensor) -> Tensor:
+    """ImageNet-normalised images back to RGB in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images.float() * std + mean).clamp_(0, 1)
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
@@ -113,3 +120,23 @@ def colour_histogram(rgb: Tensor, bins: int) -> Tensor:
             weight = weight * (upper_weight[:, channel] if step[channel] else 1 - upper_weight[:, channel])
         histogram.scatter_add_(1, index, weight)
     return (histogram / (rgb.shape[-2] * rgb.shape[-1])).sqrt()
+
+
+class PDQEmbedder:
+    """Meta's PDQ perceptual hash (256 bits, made for copy detection) as a unit vector of +-1/16 per bit, so
+    that cosine = 1 - 2 * hamming / 256 (PDQ's usual match distance 31 bits is cosine 0.758)."""
+
+    dim = 256
+
+    def __init__(self, image_size: int):
+        try:
+            import pdqhash
+        except ImportError as err:
+            raise ConfigError("the `pdq` copy-detection embedding needs the pdqhash package: pip install pdqhash") \
+                from err
+        self.image_size, self._compute = image_size, pdqhash.compute
+
+    def __call__(self, images: Tensor) -> Tensor:
+        rgb = _rgb(images).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        bits = np.stack([self._compute(np.ascontiguousarray(image))[0] for image in rgb])
+        return torch.from_numpy(bits.astype(np.float32) * 2 - 1) / 16

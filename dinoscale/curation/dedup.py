@@ -1,16 +1,39 @@
-"""Deduplication and decontamination of an image pool (DINOv2, appendix A).
+"""Deduplication and decontamination of an image pool (DINOv2, appendix A), without chaining.
 
-1. Exact duplicates: items with the same content hash (sha256 of the file bytes).
-2. Near duplicates: among the remaining items, a k-NN graph on L2-normalised embeddings
-   (k=64) keeps the edges with cosine above a threshold (0.6); the connected components of
-   exact and near-duplicate links, found by union-find, keep one survivor each: the most
-   pixels when pixel counts are known, then the smallest key.
-3. Decontamination: a component with any item closer than a cosine threshold (0.45) to an
-   image of a reference (evaluation) set is dropped whole.
+1. Exact duplicates: items with the same content hash (sha256 of the file bytes) form one set whose
+   representative is its best-ranked item (rank below).
+2. Near duplicates: among the representatives, a k-NN graph on L2-normalised embeddings keeps the
+   edges whose cosine exceeds `threshold` (u-v is an edge when v is among u's k nearest or u among
+   v's: the graph is symmetric).
+3. Groups, the rule (deterministic, and independent of the order of the pool):
+   - rank: items are ordered by most pixels first, then smallest key (smallest index without keys);
+     this order is a property of the images, not of where they sit in the pool.
+   - survivors: walk the representatives from the best rank down; one that is not yet in a group
+     starts a group as its survivor and takes every representative linked to it by an edge that is
+     not yet in a group. Equivalently, a representative is a survivor if and only if none of its
+     better-ranked neighbours is a survivor (the lexicographically first maximal independent set of
+     the graph in rank order), and every other representative joins its best-ranked neighbouring
+     survivor, which always ranks above it.
+   - exact duplicates follow their representative into its group.
+   So every member of a group is a near duplicate of the group's survivor itself (cosine above the
+   threshold, or an exact copy of an image that is): a chain a~b~c of look-alikes with a and c far
+   apart never ends in one group, as it does with connected components (which on 1,848 real
+   drawings merged groups of 147 different pictures). Two survivors are never linked, so the kept
+   images are pairwise below the threshold among their k nearest.
+   `survivor_states` computes the survivors in rounds over the edge list (each round decides
+   every representative whose better-ranked neighbours are all decided); the result is the walk's,
+   whatever the number of rounds, and needs only the edges and the ranks of their ends.
+4. Decontamination: a group (or lone image) with any member closer than `decontamination_threshold`
+   to an image of a reference (evaluation) set is dropped whole.
 
-The k-NN graph uses an exact faiss index up to `ivf_min_size` items and an inverted file
-above; queries run in chunks and their edges are merged into the union-find as they come, so
-memory stays at the index plus one chunk.
+The threshold is the embedding's: `copy_detection.DESCRIPTORS` holds each model-free descriptor's
+calibrated default and working range, measured on the real-image set (`dinoscale.data.real_images`);
+`check_threshold` refuses a threshold below a descriptor's working range (it merges different
+pictures) and warns above it (it misses copies).
+
+The k-NN graph uses an exact faiss index up to `ivf_min_size` items and an inverted file above;
+queries run in chunks and only their edges above the threshold are kept. Exact search makes the
+edge set independent of the pool order up to ties in the k-th neighbour's score.
 """
 
 from __future__ import annotations
@@ -35,8 +58,8 @@ class DedupResult:
     """Which pool items to keep, the duplicate groups found, and how many were dropped why."""
 
     keep: np.ndarray  # (N,) bool
-    groups: list[np.ndarray]  # components of more than one item; the survivor first, then ascending
-    contaminated: np.ndarray  # (N,) bool: items of components that touch a reference set
+    groups: list[np.ndarray]  # groups of more than one item; the survivor first, then ascending
+    contaminated: np.ndarray  # (N,) bool: items of groups that touch a reference set
     counts: dict[str, int]
 
 
@@ -64,38 +87,34 @@ def deduplicate(embeddings: np.ndarray, cfg: Any, hashes: Sequence[str] | Callab
                             f"{embeddings.shape[1]}-d; embed it with the same backbone")
     n = embeddings.shape[0]
     rank = _survivor_rank(n, pixel_counts, keys)
-    parent = np.arange(n)
-
-    representatives = np.arange(n)
+    representative = np.arange(n)  # of each item's exact-duplicate set
     if cfg.exact and hashes is not None:
         digests = content_hashes(hashes, n) if callable(hashes) else hashes
         if len(digests) != n:
             raise DataError(f"got {len(digests)} content hashes for {n} embeddings; give one per pool item")
-        representatives = _union_exact_duplicates(parent, np.asarray(digests), rank)
-    n_exact = n - len(representatives)
+        representative = _exact_representatives(np.asarray(digests), rank)
+    representatives = np.flatnonzero(representative == np.arange(n))
 
-    for u, v in _near_duplicate_edges(embeddings, representatives, cfg, seed):
-        _union(parent, u, v)
-    labels = _find(parent, np.arange(n))
-    n_components = len(np.unique(labels))
+    edges = [np.stack(pair) for pair in _near_duplicate_edges(embeddings, representatives, cfg, seed)]
+    u, v = np.concatenate(edges, axis=1) if edges else np.zeros((2, 0), dtype=np.int64)
+    survivor = survivor_of(u, v, rank)[representative]
 
-    survivors = _survivors(labels, rank)
     contaminated = np.zeros(n, dtype=bool)
     for reference in reference_sets:
         touching = _close_to_reference(embeddings, representatives, reference, cfg, seed)
-        contaminated |= np.isin(labels, labels[representatives[touching]])
-    keep = np.zeros(n, dtype=bool)
-    keep[survivors] = True
-    keep &= ~contaminated
+        contaminated |= np.isin(survivor, survivor[representatives[touching]])
+    is_survivor = survivor == np.arange(n)
+    keep = is_survivor & ~contaminated
 
-    groups = _groups(labels, rank)
+    groups = _groups(survivor)
     counts = {
         "items": n,
-        "exact_duplicates": n_exact,
-        "near_duplicates": len(representatives) - n_components,
+        "exact_duplicates": n - len(representatives),
+        "near_duplicates": int((~is_survivor[representatives]).sum()),
         "duplicate_groups": len(groups),
+        "largest_group": max((len(g) for g in groups), default=1),
         "contaminated_items": int(contaminated.sum()),
-        "contaminated_removed": int(contaminated[survivors].sum()),
+        "contaminated_removed": int(contaminated[is_survivor].sum()),
         "kept": int(keep.sum()),
     }
     log.info("dedup: %s", counts)
@@ -143,37 +162,55 @@ def _close_to_reference(x: np.ndarray, rows: np.ndarray, reference: np.ndarray, 
     return np.concatenate(hits)
 
 
-# ----------------------------------------------------------------------------- union-find
-def _find(parent: np.ndarray, nodes: np.ndarray) -> np.ndarray:
-    """Roots of `nodes`, compressing their paths."""
-    roots = parent[nodes]
+# ----------------------------------------------------------------------------- grouping
+SURVIVOR, MEMBER, UNDECIDED = 1, 2, 0
+
+
+def survivor_states(better: np.ndarray, worse: np.ndarray, n: int) -> np.ndarray:
+    """(n,) SURVIVOR or MEMBER of each node of the graph whose edges run from the better-ranked end
+    `better[e]` to the worse-ranked `worse[e]`: a node is a survivor iff none of its better-ranked
+    neighbours is one (nodes without edges are survivors). Decided in rounds: a node with a
+    survivor above it is a member; a node whose better-ranked neighbours are all members is a survivor.
+    The best-ranked undecided node is decided in every round, so the loop ends."""
+    state = np.full(n, UNDECIDED, dtype=np.int8)
     while True:
-        up = parent[roots]
-        if np.array_equal(up, roots):
-            break
-        roots = up
-    parent[nodes] = roots
-    return roots
+        undecided = state == UNDECIDED
+        if not undecided.any():
+            return state
+        below_survivor = np.zeros(n, dtype=bool)
+        below_survivor[worse[state[better] == SURVIVOR]] = True
+        state[undecided & below_survivor] = MEMBER
+        waiting = np.zeros(n, dtype=bool)
+        waiting[worse[state[better] != MEMBER]] = True
+        state[(state == UNDECIDED) & ~waiting] = SURVIVOR
 
 
-def _union(parent: np.ndarray, u: np.ndarray, v: np.ndarray) -> None:
-    """Merge the sets of u[i] and v[i] for all i; the root of a set is its smallest member."""
-    while len(u):
-        ru, rv = _find(parent, u), _find(parent, v)
-        differ = ru != rv
-        u, v, ru, rv = u[differ], v[differ], ru[differ], rv[differ]
-        # each root hooks under the smallest root it meets this round; the rest waits a round
-        np.minimum.at(parent, np.maximum(ru, rv), np.minimum(ru, rv))
+def survivor_of(u: np.ndarray, v: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """(n,) the survivor of each of n items (itself for survivors and items without edges), for the
+    undirected edges u[e]-v[e] and the survivor rank `rank`, a permutation of 0..n-1 (0 best)."""
+    n = len(rank)
+    better = np.where(rank[u] < rank[v], u, v)
+    worse = np.where(rank[u] < rank[v], v, u)
+    state = survivor_states(better, worse, n)
+    survivor = np.arange(n)
+    taken = state[better] == SURVIVOR
+    best_rank = np.full(n, np.iinfo(np.int64).max)
+    np.minimum.at(best_rank, worse[taken], rank[better[taken]])
+    members = np.flatnonzero(state == MEMBER)
+    by_rank = np.empty(n, dtype=np.int64)
+    by_rank[rank] = np.arange(n)
+    survivor[members] = by_rank[best_rank[members]]
+    return survivor
 
 
-def _union_exact_duplicates(parent: np.ndarray, digests: np.ndarray, rank: np.ndarray) -> np.ndarray:
-    """Link items of equal digest to the best-ranked one among them; return those representatives."""
+def _exact_representatives(digests: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """(n,) the best-ranked item with the same digest as each item."""
     _, group = np.unique(digests, return_inverse=True)
     order = np.lexsort((rank, group))
     first = np.r_[True, group[order][1:] != group[order][:-1]]
-    representative = np.repeat(order[first], np.diff(np.r_[np.flatnonzero(first), len(order)]))
-    _union(parent, order, representative)
-    return np.sort(order[first])
+    representative = np.empty(len(digests), dtype=np.int64)
+    representative[order] = np.repeat(order[first], np.diff(np.r_[np.flatnonzero(first), len(order)]))
+    return representative
 
 
 # ----------------------------------------------------------------------------- survivors
@@ -191,23 +228,13 @@ def _survivor_rank(n: int, pixel_counts: np.ndarray | None, keys: Sequence[str] 
     return rank
 
 
-def _survivors(labels: np.ndarray, rank: np.ndarray) -> np.ndarray:
-    """The best-ranked item of each component."""
-    order = np.lexsort((rank, labels))
-    first = np.r_[True, labels[order][1:] != labels[order][:-1]]
-    return order[first]
-
-
-def _groups(labels: np.ndarray, rank: np.ndarray) -> list[np.ndarray]:
-    """Components of more than one item, each listed survivor first, then by ascending index."""
-    sizes = np.bincount(labels)
-    members = np.flatnonzero(sizes[labels] > 1)
+def _groups(survivor: np.ndarray) -> list[np.ndarray]:
+    """Groups of more than one item, each listed survivor first, then by ascending index; groups in
+    ascending order of their survivor."""
+    sizes = np.bincount(survivor, minlength=len(survivor))
+    members = np.flatnonzero(sizes[survivor] > 1)
     if len(members) == 0:
         return []
-    order = members[np.lexsort((members, labels[members]))]
-    starts = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]])
-    groups = []
-    for group in np.split(order, starts[1:]):
-        best = group[np.argmin(rank[group])]
-        groups.append(np.r_[best, group[group != best]])
-    return groups
+    order = members[np.lexsort((members, members != survivor[members], survivor[members]))]
+    starts = np.flatnonzero(np.r_[True, survivor[order][1:] != survivor[order][:-1]])
+    return np.split(order, starts[1:])

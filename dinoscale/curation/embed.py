@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from dinoscale.curation.copy_descriptor import CopyDescriptorEmbedder
+from dinoscale.curation.copy_descriptor import CopyDescriptorEmbedder, PDQEmbedder
 from dinoscale.data.pool import ImagePool, decode_image, open_pool
 from dinoscale.errors import ConfigError, DataError
 from dinoscale.eval.features import eval_transform
@@ -50,7 +50,8 @@ log = get_logger(__name__)
 
 PIXELS = "pixels"
 DESCRIPTOR = "descriptor"
-MODEL_FREE = (PIXELS, DESCRIPTOR)
+PDQ = "pdq"
+MODEL_FREE = (PIXELS, DESCRIPTOR, PDQ)
 RUN_EXPORT = Path("export") / "teacher.pth"
 MAIN, COPY = "embeddings", "copy_embeddings"
 HASH_DTYPE = np.dtype("S64")
@@ -121,6 +122,8 @@ def build_embedder(backbone: str, image_size: int, cfg: Any, key: str = "curatio
         return PixelEmbedder(image_size)
     if backbone == DESCRIPTOR:
         return CopyDescriptorEmbedder(image_size)
+    if backbone == PDQ:
+        return PDQEmbedder(image_size)
     model = load_backbone(backbone_weights(backbone, key), arch=cfg.arch)
     patch = model.patch_size
     if image_size % patch:
