@@ -24,7 +24,7 @@ def add_curate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 def cmd_curate(args: argparse.Namespace) -> None:
     from dinoscale.config import load_config
-    from dinoscale.curation.pipeline import merge_stage, parse_slice, run_curation
+    from dinoscale.curation.pipeline import merge_stage, parse_slice, run_curation, stage_dir
 
     if (args.slice or args.merge) and not args.stage:
         raise ConfigError("--slice and --merge need --stage NAME (a parallel stage: embed, assign or shards)")
@@ -37,3 +37,5 @@ def cmd_curate(args: argparse.Namespace) -> None:
         result = run_curation(cfg, args.stage, parse_slice(args.slice) if args.slice else None)
     for name, counts in result.items():
         print(f"{name}: {counts}")
+    if "dedup" in result and cfg.curation.pool:
+        print(f"what dedup removed, as pictures: {stage_dir(cfg, 'dedup') / 'report.html'}")

@@ -19,6 +19,7 @@ cosine above about 0.93 while different images with the same layout or palette f
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -140,3 +141,31 @@ class PDQEmbedder:
         rgb = _rgb(images).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         bits = np.stack([self._compute(np.ascontiguousarray(image))[0] for image in rgb])
         return torch.from_numpy(bits.astype(np.float32) * 2 - 1) / 16
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Pairwise precision and recall of a model-free copy-detection embedding against the threshold, measured
+    on the real-image set (`python -m benchmarks.bench_dedup_real`: 8,356 images, oxygen icons at 8-256 px,
+    GNOME wallpapers and scikit-image photos, with planted copies), and the thresholds it works in: from
+    the lowest at which precision reaches 0.9 up to the highest at which recall stays at 0.2. Below
+    `refuse_below` precision is under 0.5: most of what near-dedup would remove is not a copy."""
+
+    points: tuple[tuple[float, float, float], ...]  # (threshold, precision, recall)
+    working_range: tuple[float, float]
+    refuse_below: float
+
+    def at(self, threshold: float) -> tuple[float, float]:
+        """Precision and recall interpolated at `threshold` (clamped to the measured span)."""
+        t, p, r = (np.array(column) for column in zip(*self.points))
+        return float(np.interp(threshold, t, p)), float(np.interp(threshold, t, r))
+
+
+CALIBRATIONS = {
+    "descriptor": Calibration(((0.85, 0.280, 0.603), (0.90, 0.390, 0.646), (0.93, 0.561, 0.623), (0.95, 0.704, 0.559),
+                               (0.97, 0.849, 0.448), (0.98, 0.911, 0.365), (0.99, 0.956, 0.250)),
+                              working_range=(0.98, 0.995), refuse_below=0.9),
+    "pdq": Calibration(((0.5, 0.660, 0.375), (0.6, 0.724, 0.329), (0.7, 0.789, 0.279), (0.76, 0.849, 0.246),
+                        (0.8, 0.873, 0.218), (0.85, 0.902, 0.180), (0.9, 0.928, 0.136)),
+                       working_range=(0.85, 0.85), refuse_below=0.5),
+}

@@ -26,7 +26,7 @@
 4. Decontamination: a group (or lone image) with any member closer than `decontamination_threshold`
    to an image of a reference (evaluation) set is dropped whole.
 
-The threshold is the embedding's: `copy_detection.DESCRIPTORS` holds each model-free descriptor's
+The threshold is the embedding's: `copy_descriptor.CALIBRATIONS` holds each model-free descriptor's
 calibrated default and working range, measured on the real-image set (`dinoscale.data.real_images`);
 `check_threshold` refuses a threshold below a descriptor's working range (it merges different
 pictures) and warns above it (it misses copies).
@@ -45,8 +45,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from dinoscale.curation.copy_descriptor import CALIBRATIONS
 from dinoscale.curation.faiss_utils import DEFAULT_CHUNK_ROWS, check_embeddings, inner_product_index, search
-from dinoscale.errors import DataError
+from dinoscale.errors import ConfigError, DataError
 from dinoscale.utils.io import read_json, save_npy, write_json
 from dinoscale.utils.logging import get_logger, progress
 
@@ -119,6 +120,26 @@ def deduplicate(embeddings: np.ndarray, cfg: Any, hashes: Sequence[str] | Callab
     }
     log.info("dedup: %s", counts)
     return DedupResult(keep, groups, contaminated, counts)
+
+
+def check_threshold(embedding: str, threshold: float, key: str = "curation.dedup.threshold") -> None:
+    """Refuse a near-dedup threshold far below the model-free `embedding`'s working range and warn outside
+    it, with the precision and recall measured there on real images (models a user gives are not checked)."""
+    calibration = CALIBRATIONS.get(embedding)
+    if calibration is None:
+        return
+    precision, recall = calibration.at(threshold)
+    low, high = calibration.working_range
+    measured = (f"on real images the `{embedding}` embedding measured pairwise precision {precision:.2f} and recall "
+                f"{recall:.2f} near cosine {threshold}")
+    if threshold < calibration.refuse_below:
+        raise ConfigError(f"{key} = {threshold} is below {calibration.refuse_below}, where {measured}: most images "
+                          f"it removes would not be copies. Use {low}-{high}, or a copy-detection model "
+                          "(curation.embed.copy_detection=path/to/model)")
+    if not low <= threshold <= high:
+        side = "merges different pictures" if threshold < low else "misses most copies"
+        log.warning("%s = %s is outside the working range %s-%s of `%s` and %s: %s", key, threshold, low, high,
+                    embedding, side, measured)
 
 
 def save_dedup_result(result: DedupResult, directory: str | Path) -> None:

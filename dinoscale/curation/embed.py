@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +99,38 @@ class BackboneEmbedder:
         return (torch.cat([cls, patch_mean], dim=1) / math.sqrt(2.0)).cpu()
 
 
+class TorchScriptEmbedder:
+    """A TorchScript copy-detection model a user gives (DINOv2 deduplicated with SSCD, released as
+    TorchScript): ImageNet-normalised images (B, 3, S, S) in, one descriptor row per image out,
+    L2-normalised here."""
+
+    def __init__(self, path: Path, image_size: int, precision: str, device: torch.device):
+        with warnings.catch_warnings():  # TorchScript is how SSCD and its kin are released
+            warnings.simplefilter("ignore", FutureWarning)
+            self.model = torch.jit.load(str(path), map_location=device).eval()
+        self.image_size, self.precision, self.device = image_size, precision, device
+        with torch.no_grad():
+            out = self.model(torch.zeros(1, 3, image_size, image_size, device=device))
+        if out.ndim != 2:
+            raise ConfigError(f"the TorchScript model {path} returns a tensor of shape {tuple(out.shape)} for one "
+                              "image; a copy-detection model must return one descriptor row (1, D) per image")
+        self.dim = out.shape[1]
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        with inference_autocast(self.device, self.precision):
+            out = self.model(images.to(self.device, non_blocking=True))
+        return F.normalize(out.float(), dim=1).cpu()
+
+
+def is_torchscript(path: Path) -> bool:
+    """A TorchScript archive is a zip file with a code/ folder (torch.save writes none)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
 def backbone_weights(backbone: str, key: str = "curation.embed.backbone") -> Path:
     """The weights file named by `backbone`: a file, or RUN/export/teacher.pth of a dinoscale run directory."""
     if not backbone:
@@ -124,12 +158,16 @@ def build_embedder(backbone: str, image_size: int, cfg: Any, key: str = "curatio
         return CopyDescriptorEmbedder(image_size)
     if backbone == PDQ:
         return PDQEmbedder(image_size)
-    model = load_backbone(backbone_weights(backbone, key), arch=cfg.arch)
+    weights = backbone_weights(backbone, key)
+    device = device or default_device()
+    if is_torchscript(weights):
+        return TorchScriptEmbedder(weights, image_size, cfg.precision, device)
+    model = load_backbone(weights, arch=cfg.arch)
     patch = model.patch_size
     if image_size % patch:
         raise ConfigError(f"the image size {image_size} for {key} is not a multiple of the backbone's patch size "
                           f"{patch}; pick e.g. {max(patch, image_size // patch * patch)}")
-    return BackboneEmbedder(model, image_size, cfg.features, cfg.precision, device or default_device())
+    return BackboneEmbedder(model, image_size, cfg.features, cfg.precision, device)
 
 
 def pool_embedders(cfg: Any) -> dict[str, Embedder]:

@@ -15,16 +15,18 @@ Which source files show the same picture, and so are duplicates of each other:
   real resize copy that the collection holds, and is scored as a duplicate;
 - the same icon name in two contexts is two pictures (most are drawn differently: `media-playlist-
   shuffle` in actions and status differs by a mean 138/255 per channel) unless the next rule joins them;
-- two sources of equal size whose pixels (composited on white, large ones compared at 256 px) differ
-  by an RMS of at most SAME_PICTURE_RMS (1/255 scale) are the same picture re-exported under another
-  name (`kfind` and `system-search`, RMS 0.0); a picture joined so is joined at all its sizes.
+- two sources that, composited on white and shrunk (or enlarged) to COMPARE_SIDE px square, differ by
+  an RMS of at most SAME_PICTURE_RMS (0-255 scale) are the same picture under another name (`kfind`
+  and `system-search`: 0.0; `bookmarks` at 128 px and `favorites` at 256 px: 0.5; the same ball as
+  `applications-toys` and `applications-education-preschool`: 1.2); a picture joined so is joined
+  at all its sizes.
 
-Two pictures whose sources of equal size differ by an RMS above that but at most LOOKALIKE_RMS are
-"look-alike originals": the same ball or flask under two names, or a page whose only difference
-is a faint question mark. They are reported, and their pairs are left out of precision and recall
-(they are neither planted copies nor clearly different pictures): a copy detector that tolerates a
-JPEG re-encode cannot tell them apart, since the re-encode changes more pixels than they differ by.
-Every other pair of different pictures is a true non-duplicate.
+Two pictures with sources that differ by an RMS above that but at most LOOKALIKE_RMS are
+"look-alike originals": a blank page and the same page with a faint question mark, two battery
+levels, a page with slightly different faint text. They are reported, and their pairs are left
+out of precision and recall (neither planted copies nor clearly different pictures): a copy
+detector that tolerates a JPEG re-encode cannot tell them apart, since the re-encode changes more
+pixels than they differ by. Every other pair of different pictures is a true non-duplicate.
 
 Planted copies: a seeded random share of the sources of side >= MIN_COPY_SIDE get 1-3 copies, each
 made by one edit of `synthetic.near_duplicate` (exact copy, JPEG re-encode, resize, crop, brightness
@@ -56,9 +58,10 @@ from dinoscale.utils.io import atomic_dir, read_json, write_json
 
 OXYGEN_ROOT = Path("/usr/share/icons/oxygen/base")
 WALLPAPER_ROOT = Path("/usr/share/backgrounds")
-SAME_PICTURE_RMS = 1.0
-LOOKALIKE_RMS = 6.0
-COMPARE_MAX_SIDE = 256
+COMPARE_SIDE = 32
+COMPARE_CHUNK = 2048
+SAME_PICTURE_RMS = 2.0
+LOOKALIKE_RMS = 5.0
 MIN_COPY_SIDE = 32
 COPY_MAX_SIDE = 1024
 REAL_EDITS = (*DUPLICATE_KINDS, "caption", "overlay", "pad")
@@ -175,29 +178,24 @@ def _load_distinct(sources: Sequence[Source], pictures: _Pictures) -> list[_Load
 
 
 def _compare_pixels(loaded: Sequence[_Loaded], pictures: _Pictures) -> set[tuple[str, str]]:
-    """Join pictures whose equal-size sources are pixel-identical up to SAME_PICTURE_RMS; return the
-    pairs of pictures (by their original ids) whose equal-size sources differ by at most LOOKALIKE_RMS."""
-    by_size: dict[tuple[int, int], list[_Loaded]] = defaultdict(list)
-    for item in loaded:
-        by_size[item.image.size].append(item)
+    """Join pictures with sources that look the same at COMPARE_SIDE px (RMS <= SAME_PICTURE_RMS); return
+    the pairs of pictures (by their original ids) with sources within LOOKALIKE_RMS of each other."""
+    x = np.stack([np.asarray(item.image.resize((COMPARE_SIDE, COMPARE_SIDE), Image.BOX if min(item.image.size)
+                                               >= COMPARE_SIDE else Image.BICUBIC), dtype=np.float32).ravel()
+                  for item in loaded])
+    squared = (x**2).sum(1)
     lookalikes = set()
-    for size, items in by_size.items():
-        if len(items) < 2:
-            continue
-        scale = min(1.0, COMPARE_MAX_SIDE / max(size))
-        shape = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
-        x = np.stack([np.asarray(i.image.resize(shape, Image.BILINEAR) if scale < 1 else i.image,
-                                 dtype=np.float32).ravel() for i in items])
-        squared = (x**2).sum(1)
-        rms = np.sqrt(np.maximum(squared[:, None] + squared[None] - 2 * x @ x.T, 0) / x.shape[1])
-        for a, b in zip(*np.nonzero(np.triu(rms <= LOOKALIKE_RMS, k=1))):
-            pa, pb = items[a].source.picture, items[b].source.picture
-            if pa == pb:
+    for start in range(0, len(x), COMPARE_CHUNK):
+        block = slice(start, start + COMPARE_CHUNK)
+        rms = np.sqrt(np.maximum(squared[block, None] + squared[None] - 2 * x[block] @ x.T, 0) / x.shape[1])
+        for a, b in zip(*np.nonzero(rms <= LOOKALIKE_RMS)):
+            pa, pb = loaded[start + a].source.picture, loaded[b].source.picture
+            if pa >= pb:
                 continue
             if rms[a, b] <= SAME_PICTURE_RMS:
                 pictures.union(pa, pb)
             else:
-                lookalikes.add((min(pa, pb), max(pa, pb)))
+                lookalikes.add((pa, pb))
     return lookalikes
 
 
