@@ -147,9 +147,10 @@ class PDQEmbedder:
 class Calibration:
     """Pairwise precision and recall of a model-free copy-detection embedding against the threshold, measured
     on the real-image set (`python -m benchmarks.bench_dedup_real`: 8,356 images, oxygen icons at 8-256 px,
-    GNOME wallpapers and scikit-image photos, with planted copies), and the thresholds it works in: from
-    the lowest at which precision reaches 0.9 up to the highest at which recall stays at 0.2. Below
-    `refuse_below` precision is under 0.5: most of what near-dedup would remove is not a copy."""
+    GNOME wallpapers and scikit-image photos, with planted copies; k=16), and the thresholds it works in:
+    from the lowest at which precision reaches 0.9 up to the highest at which recall stays above 0.1.
+    Below `refuse_below` precision is about 0.5 or unmeasured: most of what near dedup would remove
+    is not a copy."""
 
     points: tuple[tuple[float, float, float], ...]  # (threshold, precision, recall)
     working_range: tuple[float, float]
@@ -162,10 +163,10 @@ class Calibration:
 
 
 CALIBRATIONS = {
-    "descriptor": Calibration(((0.85, 0.280, 0.603), (0.90, 0.390, 0.646), (0.93, 0.561, 0.623), (0.95, 0.704, 0.559),
-                               (0.97, 0.849, 0.448), (0.98, 0.911, 0.365), (0.99, 0.956, 0.250)),
-                              working_range=(0.98, 0.995), refuse_below=0.9),
-    "pdq": Calibration(((0.5, 0.660, 0.375), (0.6, 0.724, 0.329), (0.7, 0.789, 0.279), (0.76, 0.849, 0.246),
-                        (0.8, 0.873, 0.218), (0.85, 0.902, 0.180), (0.9, 0.928, 0.136)),
-                       working_range=(0.85, 0.85), refuse_below=0.5),
+    "descriptor": Calibration(((0.85, 0.284, 0.603), (0.90, 0.396, 0.645), (0.93, 0.561, 0.623), (0.95, 0.714, 0.558),
+                               (0.97, 0.849, 0.448), (0.98, 0.911, 0.365), (0.99, 0.956, 0.250),
+                               (0.995, 0.967, 0.176)), working_range=(0.98, 0.995), refuse_below=0.92),
+    "pdq": Calibration(((0.5, 0.670, 0.376), (0.6, 0.735, 0.330), (0.7, 0.801, 0.279), (0.76, 0.861, 0.245),
+                        (0.8, 0.884, 0.218), (0.85, 0.913, 0.180), (0.9, 0.940, 0.136), (0.95, 0.969, 0.078)),
+                       working_range=(0.85, 0.9), refuse_below=0.5),
 }
