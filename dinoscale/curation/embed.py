@@ -9,10 +9,10 @@ patch tokens side by side (scaled so the whole vector has unit norm). The main e
 also come from a precomputed (N, D) file (`embeddings_file`).
 
 An optional second embedder (`copy_detection`) serves dedup only, as DINOv2 used a copy-
-detection model for deduplication. `descriptor` is a model-free one (`copy_descriptor`: colour
-layout, gradient orientations and colour histogram): at 32 px it finds the synthetic pool's near
-copies (re-encodes, resizes, small crops, brightness shifts) at a cosine of about 0.93 (see
-configs/demo.yaml for the measured recall and precision).
+detection model for deduplication: a TorchScript model file the user gives (such as SSCD), or a
+model-free one: `descriptor` (`copy_descriptor`: colour layout, gradient orientations and colour
+histogram) or `pdq` (Meta's PDQ hash). Their measured precision and recall on real and synthetic
+images are in `copy_descriptor.CALIBRATIONS` and configs/curate/small.yaml.
 
 Work is split into slices of whole batches (`embed_slice_range`), so the batches, and hence the
 bf16 numerics, are the same whatever the number of slices: slices 0..n-1 joined by
