@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 SOURCE = "source"
+INDIRECT = "indirect"  # no false pair is charged to it, so it has no precision
 
 
 @dataclass
@@ -45,7 +46,7 @@ class GroundTruth:
             return str(self.origin[i])
         if self.source[j] == i:
             return str(self.origin[j])
-        return "original" if self.origin[i] == self.origin[j] == SOURCE else "indirect"
+        return "original" if self.origin[i] == self.origin[j] == SOURCE else INDIRECT
 
 
 def truth_from_real_set(real_set: dict, keys: Sequence[str]) -> GroundTruth:
@@ -96,7 +97,7 @@ def score_groups(groups: Iterable[np.ndarray], truth: GroundTruth, valid: np.nda
         found = hits[kind] + false[kind]
         per_kind[kind] = {"true_pairs": true_total[kind], "found_true_pairs": hits[kind], "false_pairs": false[kind],
                           "recall": hits[kind] / true_total[kind] if true_total[kind] else None,
-                          "precision": hits[kind] / found if found else None}
+                          "precision": hits[kind] / found if found and kind != INDIRECT else None}
     return {
         "precision": n_hits / (n_hits + n_false) if n_hits + n_false else 1.0,
         "recall": n_hits / max(sum(true_total.values()), 1),
