@@ -9,6 +9,7 @@ import pytest
 
 from dinoscale.config import DedupConfig
 from dinoscale.curation.dedup import content_hashes, deduplicate, load_dedup_result, save_dedup_result
+from dinoscale.curation.dedup_eval import GroundTruth, score_groups
 from dinoscale.errors import DataError
 
 
@@ -247,3 +248,21 @@ def test_user_errors():
         deduplicate(x[0], DedupConfig())
     with pytest.raises(DataError, match="run the dedup stage"):
         load_dedup_result("nowhere")
+
+
+def test_pairwise_scores_count_pairs_by_their_definition():
+    """Precision and recall over item pairs, computed by hand on a small truth: pictures A (a source at two
+    sizes and a jpeg copy), B and C (look-alikes of each other) and D."""
+    truth = GroundTruth(picture=np.array(["A", "A", "A", "B", "C", "D"]),
+                        origin=np.array(["source", "source", "jpeg", "source", "source", "source"]),
+                        source=np.array([0, 1, 0, 3, 4, 5]), lookalikes={("B", "C")})
+    groups = [np.array([0, 2, 5]), np.array([3, 4])]  # A0+copy (true), A0-D and copy-D (false); B-C left out
+    scores = score_groups(groups, truth)
+    assert scores["true_pairs"] == 3  # (0,1) original, (0,2) jpeg, (1,2) indirect
+    assert scores["found_pairs"] == 3 and scores["false_pairs"] == 2
+    assert scores["precision"] == pytest.approx(1 / 3) and scores["recall"] == pytest.approx(1 / 3)
+    assert scores["mixed_groups"] == 1 and scores["lookalike_pairs_merged"] == 1
+    kinds = scores["per_kind"]
+    assert kinds["jpeg"]["recall"] == 1.0 and kinds["jpeg"]["false_pairs"] == 1  # the copy paired with D
+    assert kinds["original"]["recall"] == 0.0 and kinds["original"]["false_pairs"] == 2
+    assert kinds["indirect"]["precision"] is None
