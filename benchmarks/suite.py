@@ -164,6 +164,23 @@ def summarise_curation(out: dict) -> list[Row]:
     ]
 
 
+def summarise_dedup_real(out: dict) -> list[Row]:
+    default = out["default"]
+    name = f"{default['copy_detection']} at cosine {default['threshold']}, {out['set']['items']:,} real images"
+    rows = [Row(f"near dedup {name}: pairwise precision", default["precision"]),
+            Row(f"near dedup {name}: pairwise recall", default["recall"]),
+            Row(f"near dedup {name}: groups holding two different pictures", default["mixed_groups"])]
+    for candidate, result in out["candidates"].items():
+        precise = [c for c in result["curve"] if c["precision"] >= 0.9]
+        best = max(precise, key=lambda c: c["recall"]) if precise else None
+        rows.append(Row(f"copy detection `{candidate}`: recall at precision >= 0.9",
+                        f"{best['recall']:.3f} (cosine {best['threshold']})" if best else "not reached"))
+    for embedder, entropy in out.get("category_entropy", {}).items():
+        rows.append(Row(f"category entropy of the curated subset, {embedder} embedder", entropy["curated"],
+                        "uniform random subset", entropy["uniform_random"], entropy["curated"] / entropy["uniform_random"]))
+    return rows
+
+
 def _exponents(out: dict, name: str) -> str:
     wall, cpu = out[f"{name}_growth_exponent"], out[f"{name}_cpu_growth_exponent"]
     return "needs two sizes" if wall is None else f"{wall:.2f} (CPU time {cpu:.2f})"
@@ -189,6 +206,8 @@ BENCHMARKS = {
         "quick": ["--max-n", "10000", "--baseline-max-n", "10000"],
         "default": ["--max-n", "100000", "--baseline-max-n", "100000"],
         "full": ["--max-n", "1000000", "--baseline-max-n", "100000"]}, summarise_curation),
+    "dedup_real": Benchmark("benchmarks.bench_dedup_real", {
+        "quick": ["--max-pictures", "100"], "default": []}, summarise_dedup_real),
 }
 
 

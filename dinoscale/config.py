@@ -236,8 +236,10 @@ class EmbedConfig:
     precision: str = knob("auto", "bf16 autocast where the hardware has it (auto), always, or never",
                           choices=["auto", "bf16", "fp32"])
     copy_detection: str = knob("", "a second embedding used only by dedup, as DINOv2 used a copy-detection model: "
-                                   "a weights file, `descriptor` (model-free: colour layout, gradient orientations "
-                                   "and colour histogram) or `pixels` (empty: dedup uses the main embeddings)")
+                                   "a TorchScript copy-detection model (e.g. SSCD) or backbone weights file, "
+                                   "`descriptor` (model-free: colour layout, gradient orientations and colour "
+                                   "histogram), `pdq` (Meta's PDQ hash) or `pixels` (empty: dedup uses the main "
+                                   "embeddings)")
     copy_detection_image_size: int = knob(32, "side of the images the copy-detection embedding sees (32 suits "
                                               "`descriptor`, 8 `pixels`)", min=1)
 
@@ -246,7 +248,9 @@ class EmbedConfig:
 class DedupConfig:
     exact: bool = knob(True, "drop exact duplicates by content hash")
     k: int = knob(64, "neighbours in the k-NN graph", min=1)
-    threshold: float = knob(0.6, "cosine above which two images are near duplicates", min=-1.0, max=1.0)
+    threshold: float = knob(0.6, "cosine above which an image is a near duplicate of the kept image of its group "
+                                 "(DINOv2: 0.6 with SSCD; model-free embeddings are checked against the range "
+                                 "measured on real images)", min=-1.0, max=1.0)
     decontamination_sets: List[str] = knob([], "embeddings (.npy) or pools whose near duplicates are dropped")
     decontamination_threshold: float = knob(0.45, "cosine for decontamination", min=-1.0, max=1.0)
     ivf_min_size: int = knob(250_000, "from this many images, search an approximate inverted-file index "

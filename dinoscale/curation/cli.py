@@ -25,7 +25,7 @@ def add_curate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 def cmd_curate(args: argparse.Namespace) -> None:
     from dinoscale.config import load_config
-    from dinoscale.curation.pipeline import merge_stage, parse_slice, run_curation
+    from dinoscale.curation.pipeline import merge_stage, parse_slice, run_curation, stage_dir
     from dinoscale.utils.logging import rank
 
     if (args.slice or args.merge) and not args.stage:
@@ -40,3 +40,5 @@ def cmd_curate(args: argparse.Namespace) -> None:
     if rank() == 0:  # every rank of a torchrun or SLURM job has the same result
         for name, counts in result.items():
             print(f"{name}: {counts}")
+        if "dedup" in result and cfg.curation.pool:
+            print(f"what dedup removed, as pictures: {stage_dir(cfg, 'dedup') / 'report.html'}")

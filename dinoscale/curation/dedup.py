@@ -1,22 +1,47 @@
-"""Deduplication and decontamination of an image pool (DINOv2, appendix A).
+"""Deduplication and decontamination of an image pool (DINOv2, appendix A), without chaining.
 
-1. Exact duplicates: items with the same content hash (sha256 of the file bytes).
-2. Near duplicates: among the remaining items, a k-NN graph on L2-normalised embeddings
-   (k=64) keeps the edges with cosine above a threshold (0.6).
-3. Groups: `group_duplicates` turns the exact and near links into duplicate groups with one
-   survivor each: the most pixels when pixel counts are known, then the smallest key.
-4. Decontamination: a group (or single item) with any item closer than a cosine threshold (0.45)
-   to an image of a reference (evaluation) set is dropped whole, in the same pass.
+1. Exact duplicates: items with the same content hash (sha256 of the file bytes) form one set whose
+   representative is its best-ranked item (rank below).
+2. Near duplicates: among the representatives, a k-NN graph on L2-normalised embeddings keeps the
+   edges whose cosine exceeds `threshold` (u-v is an edge when v is among u's k nearest or u among
+   v's: the graph is symmetric).
+3. Groups, the rule (deterministic, and independent of the order of the pool):
+   - rank: items are ordered by most pixels first, then smallest key (smallest index without keys);
+     this order is a property of the images, not of where they sit in the pool.
+   - survivors: walk the representatives from the best rank down; one that is not yet in a group
+     starts a group as its survivor and takes every representative linked to it by an edge that is
+     not yet in a group. Equivalently, a representative is a survivor if and only if none of its
+     better-ranked neighbours is a survivor (the lexicographically first maximal independent set of
+     the graph in rank order), and every other representative joins its best-ranked neighbouring
+     survivor, which always ranks above it.
+   - exact duplicates follow their representative into its group.
+   So every member of a group is a near duplicate of the group's survivor itself (cosine above the
+   threshold, or an exact copy of an image that is): a chain a~b~c of look-alikes with a and c far
+   apart never ends in one group, as it does with connected components (which on 1,848 real
+   drawings merged groups of 147 different pictures). Two survivors are never linked, so the kept
+   images are pairwise below the threshold among their k nearest.
+   `survivor_states` computes the survivors in rounds over the edge list (each round decides
+   every representative whose better-ranked neighbours are all decided); the result is the walk's,
+   whatever the number of rounds, and needs only the edges and the ranks of their ends.
+4. Decontamination: a group (or lone image) with any member closer than `decontamination_threshold`
+   to an image of a reference (evaluation) set is dropped whole.
+
+The threshold is the embedding's: `copy_descriptor.CALIBRATIONS` holds each model-free descriptor's
+calibrated default and working range, measured on the real-image set (`dinoscale.data.real_images`);
+`check_threshold` refuses a threshold below a descriptor's working range (it merges different
+pictures) and warns above it (it misses copies).
 
 The work is shared out over the ranks of a process group (a single process is a world of one):
 each rank owns contiguous blocks of items (`collective`). Exact duplicates are found by hash
 partitioning: each item's digest travels to the rank its digest hashes to, which picks each
-digest's survivor. The k-NN graph is searched across shards (`knn.ShardedCosineIndex`: each rank
-indexes its own items, every rank's queries visit every shard; exact faiss index up to
+digest's representative. The k-NN graph is searched across shards (`knn.ShardedCosineIndex`: each
+rank indexes its own items, every rank's queries visit every shard; exact faiss index up to
 `ivf_min_size` items, an inverted file above), and a pair's side of the threshold is decided in
-float64 wherever faiss's score could be off. The links (a few per cent of the pool) are
-gathered on every rank and grouped there by the same rule, in a fixed order, so the groups and
-the kept set are those of a single process.
+float64 wherever faiss's score could be off. Exact search makes the edge set independent of the
+pool order up to ties in the k-th neighbour's score. The links (a few per cent of the pool) are
+gathered on every rank, and every rank groups them by the rule above, ranking only the items the
+links name (by their pixel counts and keys, which every rank reads from the same store), so the
+groups and the kept set are those of a single process.
 """
 
 from __future__ import annotations
@@ -30,10 +55,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from dinoscale.curation.collective import Comm
+from dinoscale.curation.copy_descriptor import CALIBRATIONS
 from dinoscale.curation.faiss_utils import check_embeddings
 from dinoscale.curation.knn import Neighbours, ShardedCosineIndex
-from dinoscale.curation.store import data_fingerprint
-from dinoscale.errors import DataError
+from dinoscale.curation.store import data_fingerprint, fingerprint_rows
+from dinoscale.errors import ConfigError, DataError
 from dinoscale.utils.io import read_json, save_npy, write_json
 from dinoscale.utils.logging import get_logger, progress
 
@@ -45,8 +71,8 @@ class DedupResult:
     """Which pool items to keep, the duplicate groups found, and how many were dropped why."""
 
     keep: np.ndarray  # (N,) bool
-    groups: list[np.ndarray]  # components of more than one item; the survivor first, then ascending
-    contaminated: np.ndarray  # (N,) bool: items of components that touch a reference set
+    groups: list[np.ndarray]  # groups of more than one item; the survivor first, then ascending
+    contaminated: np.ndarray  # (N,) bool: items of groups that touch a reference set
     counts: dict[str, int]
 
 
@@ -64,9 +90,9 @@ def deduplicate(embeddings: Any, cfg: Any, hashes: Sequence[str] | Callable[[int
 
     `cfg` is a `DedupConfig`. `hashes` are per-item content digests, or a function returning
     item i's bytes (hashed here, each rank its own items); without them (or with `cfg.exact`
-    false) only near duplicates are removed. `pixel_counts` and `keys` decide the survivor of
-    each group (largest image, then smallest key; the smallest index without keys).
-    `reference_sets` are embeddings of evaluation images to decontaminate against.
+    false) only near duplicates are removed. `pixel_counts` and `keys` rank the items (largest
+    image, then smallest key; the smallest index without keys). `reference_sets` are embeddings
+    of evaluation images to decontaminate against.
     """
     check_embeddings(embeddings, "embeddings")
     for i, reference in enumerate(reference_sets):
@@ -80,10 +106,12 @@ def deduplicate(embeddings: Any, cfg: Any, hashes: Sequence[str] | Callable[[int
     priority = SurvivorPriority(n, pixel_counts, keys)
     comm = Comm.current()
     comm.check_same({"rows": n, "dim": embeddings.shape[1], "data": data_fingerprint(embeddings), "seed": seed,
+                     "rank": priority.fingerprint(),
                      "config": {k: getattr(cfg, k) for k in ("exact", "k", "threshold", "decontamination_threshold",
                                                              "ivf_min_size", "nprobe")},
                      "references": [data_fingerprint(r) for r in reference_sets]}, "dedup input",
-                    "every rank must read the same embeddings, from a file system they all share, with the same config")
+                    "every rank must read the same embeddings, pixel counts and keys, from a file system they all "
+                    "share, with the same config")
     rows = comm.rows(n)
 
     exact_links = np.zeros((0, 2), dtype=np.int64)
@@ -117,6 +145,7 @@ def deduplicate(embeddings: Any, cfg: Any, hashes: Sequence[str] | Callable[[int
         "exact_duplicates": len(exact_links),
         "near_duplicates": n_removed - len(exact_links),
         "duplicate_groups": len(groups),
+        "largest_group": max((len(g) for g in groups), default=1),
         "contaminated_items": int(contaminated.sum()),
         "contaminated_removed": survivors_contaminated,
         "kept": int(keep.sum()),
@@ -128,15 +157,36 @@ def deduplicate(embeddings: Any, cfg: Any, hashes: Sequence[str] | Callable[[int
     return DedupResult(keep, groups, contaminated, counts)
 
 
+def check_threshold(embedding: str, threshold: float, key: str = "curation.dedup.threshold") -> None:
+    """Refuse a near-dedup threshold far below the model-free `embedding`'s working range and warn outside
+    it, with the precision and recall measured there on real images (models a user gives are not checked)."""
+    calibration = CALIBRATIONS.get(embedding)
+    if calibration is None:
+        return
+    precision, recall = calibration.at(threshold)
+    low, high = calibration.working_range
+    measured = (f"on real images the `{embedding}` embedding measured pairwise precision {precision:.2f} and recall "
+                f"{recall:.2f} near cosine {threshold}")
+    if threshold < calibration.refuse_below:
+        raise ConfigError(f"{key} = {threshold} is below {calibration.refuse_below}, where {measured}: most images "
+                          f"it removes would not be copies. Use {low}-{high}, or a copy-detection model "
+                          "(curation.embed.copy_detection=path/to/model)")
+    if not low <= threshold <= high:
+        side = "merges different pictures" if threshold < low else "misses most copies"
+        log.warning("%s = %s is outside the working range %s-%s of `%s` and %s: %s", key, threshold, low, high,
+                    embedding, side, measured)
+
+
 class SurvivorPriority:
-    """Which item of a group survives: the most pixels when pixel counts are known, then the smallest
-    key (the smallest index without keys)."""
+    """The rank of items as survivors: the most pixels when pixel counts are known, then the smallest
+    key (the smallest index without keys). Reads the pixel counts and keys of the items it is asked
+    about only, so they may stay on disk."""
 
     def __init__(self, n: int, pixel_counts: Any, keys: Sequence[str] | None):
         for name, values in (("pixel_counts", pixel_counts), ("keys", keys)):
             if values is not None and len(values) != n:
                 raise DataError(f"got {len(values)} {name} for {n} embeddings; give one per pool item")
-        self.pixel_counts, self.keys = pixel_counts, keys
+        self.n, self.pixel_counts, self.keys = n, pixel_counts, keys
 
     def order(self, items: np.ndarray) -> np.ndarray:
         """`items` sorted best survivor first."""
@@ -146,26 +196,29 @@ class SurvivorPriority:
         keys = items if self.keys is None else np.array([self.keys[i] for i in items.tolist()])
         return items[np.lexsort((items, keys, pixels))]
 
+    def fingerprint(self) -> list[str | None]:
+        """Of the pixel counts and of up to 64 evenly spaced keys, for ranks to compare."""
+        pixels = None if self.pixel_counts is None else data_fingerprint(self.pixel_counts)
+        if self.keys is None:
+            return [pixels, None]
+        sampled = "\n".join(str(self.keys[i]) for i in fingerprint_rows(self.n).tolist())
+        return [pixels, hashlib.sha256(f"{self.n}\n{sampled}".encode()).hexdigest()[:16]]
+
 
 def group_duplicates(exact_links: np.ndarray, near_links: np.ndarray, priority: SurvivorPriority
                      ) -> list[np.ndarray]:
-    """The duplicate groups of more than one item, from (item, item) links: the connected components
-    of all links. Each group is listed survivor first, then ascending; groups by their smallest item."""
-    links = np.concatenate([exact_links, near_links]).astype(np.int64)
-    if len(links) == 0:
-        return []
-    nodes, compact = np.unique(links, return_inverse=True)
-    compact = compact.reshape(-1, 2)
-    parent = np.arange(len(nodes))
-    _union(parent, compact[:, 0], compact[:, 1])
-    roots = _find(parent, np.arange(len(nodes)))
-    order = np.lexsort((nodes, roots))
-    starts = np.flatnonzero(np.r_[True, roots[order][1:] != roots[order][:-1]])
-    groups = []
-    for members in np.split(nodes[order], starts[1:]):
-        best = priority.order(members)[0]
-        groups.append(np.r_[best, members[members != best]])
-    return sorted(groups, key=lambda g: int(g.min()))
+    """The duplicate groups of more than one item by the rule of the module docstring, from the
+    (duplicate, representative) exact links and the (item, item) near links among representatives.
+    Each group is listed survivor first, then ascending; groups in ascending order of their survivor."""
+    near_links = np.asarray(near_links, dtype=np.int64).reshape(-1, 2)
+    exact_links = np.asarray(exact_links, dtype=np.int64).reshape(-1, 2)
+    nodes = np.unique(np.concatenate([near_links.ravel(), exact_links[:, 1]]))
+    rank = np.empty(len(nodes), dtype=np.int64)
+    rank[np.searchsorted(nodes, priority.order(nodes))] = np.arange(len(nodes))
+    compact = np.searchsorted(nodes, near_links)
+    survivor = nodes[survivor_of(compact[:, 0], compact[:, 1], rank)]
+    items = np.concatenate([nodes, exact_links[:, 0]])  # exact duplicates follow their representative
+    return _groups(items, np.concatenate([survivor, survivor[np.searchsorted(nodes, exact_links[:, 1])]]))
 
 
 def save_dedup_result(result: DedupResult, directory: str | Path) -> None:
@@ -251,24 +304,51 @@ def _group_of(groups: list[np.ndarray]) -> dict[int, int]:
     return {int(i): g for g, members in enumerate(groups) for i in members.tolist()}
 
 
-# ----------------------------------------------------------------------------- union-find
-def _find(parent: np.ndarray, nodes: np.ndarray) -> np.ndarray:
-    """Roots of `nodes`, compressing their paths."""
-    roots = parent[nodes]
+# ----------------------------------------------------------------------------- grouping
+SURVIVOR, MEMBER, UNDECIDED = 1, 2, 0
+
+
+def survivor_states(better: np.ndarray, worse: np.ndarray, n: int) -> np.ndarray:
+    """(n,) SURVIVOR or MEMBER of each node of the graph whose edges run from the better-ranked end
+    `better[e]` to the worse-ranked `worse[e]`: a node is a survivor iff none of its better-ranked
+    neighbours is one (nodes without edges are survivors). Decided in rounds: a node with a
+    survivor above it is a member; a node whose better-ranked neighbours are all members is a survivor.
+    The best-ranked undecided node is decided in every round, so the loop ends."""
+    state = np.full(n, UNDECIDED, dtype=np.int8)
     while True:
-        up = parent[roots]
-        if np.array_equal(up, roots):
-            break
-        roots = up
-    parent[nodes] = roots
-    return roots
+        undecided = state == UNDECIDED
+        if not undecided.any():
+            return state
+        below_survivor = np.zeros(n, dtype=bool)
+        below_survivor[worse[state[better] == SURVIVOR]] = True
+        state[undecided & below_survivor] = MEMBER
+        waiting = np.zeros(n, dtype=bool)
+        waiting[worse[state[better] != MEMBER]] = True
+        state[(state == UNDECIDED) & ~waiting] = SURVIVOR
 
 
-def _union(parent: np.ndarray, u: np.ndarray, v: np.ndarray) -> None:
-    """Merge the sets of u[i] and v[i] for all i; the root of a set is its smallest member."""
-    while len(u):
-        ru, rv = _find(parent, u), _find(parent, v)
-        differ = ru != rv
-        u, v, ru, rv = u[differ], v[differ], ru[differ], rv[differ]
-        # each root hooks under the smallest root it meets this round; the rest waits a round
-        np.minimum.at(parent, np.maximum(ru, rv), np.minimum(ru, rv))
+def survivor_of(u: np.ndarray, v: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """(n,) the survivor of each of n items (itself for survivors and items without edges), for the
+    undirected edges u[e]-v[e] and the survivor rank `rank`, a permutation of 0..n-1 (0 best)."""
+    n = len(rank)
+    better = np.where(rank[u] < rank[v], u, v)
+    worse = np.where(rank[u] < rank[v], v, u)
+    state = survivor_states(better, worse, n)
+    survivor = np.arange(n)
+    taken = state[better] == SURVIVOR
+    best_rank = np.full(n, np.iinfo(np.int64).max)
+    np.minimum.at(best_rank, worse[taken], rank[better[taken]])
+    members = np.flatnonzero(state == MEMBER)
+    by_rank = np.empty(n, dtype=np.int64)
+    by_rank[rank] = np.arange(n)
+    survivor[members] = by_rank[best_rank[members]]
+    return survivor
+
+
+def _groups(items: np.ndarray, survivor: np.ndarray) -> list[np.ndarray]:
+    """Groups of more than one item, from each item's survivor (a survivor is its own): each listed
+    survivor first, then by ascending index; groups in ascending order of their survivor."""
+    order = np.lexsort((items, items != survivor, survivor))
+    items, survivor = items[order], survivor[order]
+    starts = np.flatnonzero(np.r_[True, survivor[1:] != survivor[:-1]])
+    return [group for group in np.split(items, starts[1:]) if len(group) > 1]

@@ -9,10 +9,10 @@ patch tokens side by side (scaled so the whole vector has unit norm). The main e
 also come from a precomputed (N, D) file (`embeddings_file`).
 
 An optional second embedder (`copy_detection`) serves dedup only, as DINOv2 used a copy-
-detection model for deduplication. `descriptor` is a model-free one (`copy_descriptor`: colour
-layout, gradient orientations and colour histogram): at 32 px it finds the synthetic pool's near
-copies (re-encodes, resizes, small crops, brightness shifts) at a cosine of about 0.93 (see
-configs/demo.yaml for the measured recall and precision).
+detection model for deduplication: a TorchScript model file the user gives (such as SSCD), or a
+model-free one: `descriptor` (`copy_descriptor`: colour layout, gradient orientations and colour
+histogram) or `pdq` (Meta's PDQ hash). Their measured precision and recall on real and synthetic
+images are in `copy_descriptor.CALIBRATIONS` and configs/curate/small.yaml.
 
 Work is split into slices of whole batches (`embed_slice_range`), so the batches, and hence the
 bf16 numerics, are the same whatever the number of slices: the rows of slices 0..n-1 are the
@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from dinoscale.curation.copy_descriptor import CopyDescriptorEmbedder
+from dinoscale.curation.copy_descriptor import CopyDescriptorEmbedder, PDQEmbedder
 from dinoscale.curation.store import RowStore, write_parts_listing
 from dinoscale.data.pool import ImagePool, decode_image, open_pool
 from dinoscale.errors import ConfigError, DataError
@@ -52,7 +54,8 @@ log = get_logger(__name__)
 
 PIXELS = "pixels"
 DESCRIPTOR = "descriptor"
-MODEL_FREE = (PIXELS, DESCRIPTOR)
+PDQ = "pdq"
+MODEL_FREE = (PIXELS, DESCRIPTOR, PDQ)
 RUN_EXPORT = Path("export") / "teacher.pth"
 MAIN, COPY = "embeddings", "copy_embeddings"
 HASH_DTYPE = np.dtype("S64")
@@ -98,6 +101,38 @@ class BackboneEmbedder:
         return (torch.cat([cls, patch_mean], dim=1) / math.sqrt(2.0)).cpu()
 
 
+class TorchScriptEmbedder:
+    """A TorchScript copy-detection model a user gives (DINOv2 deduplicated with SSCD, released as
+    TorchScript): ImageNet-normalised images (B, 3, S, S) in, one descriptor row per image out,
+    L2-normalised here."""
+
+    def __init__(self, path: Path, image_size: int, precision: str, device: torch.device):
+        with warnings.catch_warnings():  # TorchScript is how SSCD and its kin are released
+            warnings.simplefilter("ignore", FutureWarning)
+            self.model = torch.jit.load(str(path), map_location=device).eval()
+        self.image_size, self.precision, self.device = image_size, precision, device
+        with torch.no_grad():
+            out = self.model(torch.zeros(1, 3, image_size, image_size, device=device))
+        if out.ndim != 2:
+            raise ConfigError(f"the TorchScript model {path} returns a tensor of shape {tuple(out.shape)} for one "
+                              "image; a copy-detection model must return one descriptor row (1, D) per image")
+        self.dim = out.shape[1]
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        with inference_autocast(self.device, self.precision):
+            out = self.model(images.to(self.device, non_blocking=True))
+        return F.normalize(out.float(), dim=1).cpu()
+
+
+def is_torchscript(path: Path) -> bool:
+    """A TorchScript archive is a zip file with a code/ folder (torch.save writes none)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
 def backbone_weights(backbone: str, key: str = "curation.embed.backbone") -> Path:
     """The weights file named by `backbone`: a file, or RUN/export/teacher.pth of a dinoscale run directory."""
     if not backbone:
@@ -123,12 +158,18 @@ def build_embedder(backbone: str, image_size: int, cfg: Any, key: str = "curatio
         return PixelEmbedder(image_size)
     if backbone == DESCRIPTOR:
         return CopyDescriptorEmbedder(image_size)
-    model = load_backbone(backbone_weights(backbone, key), arch=cfg.arch)
+    if backbone == PDQ:
+        return PDQEmbedder(image_size)
+    weights = backbone_weights(backbone, key)
+    device = device or default_device()
+    if is_torchscript(weights):
+        return TorchScriptEmbedder(weights, image_size, cfg.precision, device)
+    model = load_backbone(weights, arch=cfg.arch)
     patch = model.patch_size
     if image_size % patch:
         raise ConfigError(f"the image size {image_size} for {key} is not a multiple of the backbone's patch size "
                           f"{patch}; pick e.g. {max(patch, image_size // patch * patch)}")
-    return BackboneEmbedder(model, image_size, cfg.features, cfg.precision, device or default_device())
+    return BackboneEmbedder(model, image_size, cfg.features, cfg.precision, device)
 
 
 def pool_embedders(cfg: Any) -> dict[str, Embedder]:

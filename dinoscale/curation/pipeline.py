@@ -40,11 +40,12 @@ from omegaconf import DictConfig, OmegaConf
 from dinoscale.config import config_hash
 from dinoscale.curation import embed as embedding
 from dinoscale.curation.collective import Comm, block_range
-from dinoscale.curation.dedup import DedupResult, deduplicate, load_dedup_result, save_dedup_result
+from dinoscale.curation.dedup import (DedupResult, check_threshold, deduplicate, load_dedup_result,
+                                     save_dedup_result)
 from dinoscale.curation.kmeans import (ClusterLevel, ClusterTree, assign_slice, fit_hierarchical_kmeans,
                                        merge_assignment_slices)
 from dinoscale.curation.launch import curation_ranks
-from dinoscale.curation.report import write_curation_report
+from dinoscale.curation.report import write_curation_report, write_dedup_report
 from dinoscale.curation.retrieval import retrieval_curation
 from dinoscale.curation.sampling import hierarchical_sample
 from dinoscale.curation.shards import Selection, write_manifest, write_shard_slice
@@ -150,6 +151,8 @@ def run_curation(cfg: DictConfig, stage: str | None = None, slice: Slice | None 
     if stage is None and slice is not None:
         raise ConfigError("--slice needs --stage: name the parallel stage the slice belongs to")
     with curation_ranks(cfg):
+        if stage in (None, "embed", "dedup"):
+            check_threshold(dedup_embedder(cfg.curation.embed)[0], cfg.curation.dedup.threshold)
         if stage is not None:
             return {stage: run_stage(cfg, stage, slice)}
         return {name: run_stage(cfg, name) for name in list_stages(cfg)}
@@ -323,11 +326,14 @@ def _dedup(run: _Run) -> dict:
                          keys=run.pool.keys if run.pool is not None else None, reference_sets=references,
                          seed=run.cfg.seed)
     keep = result.keep & valid
+    counts = {**result.counts, "unreadable": int((~valid).sum()), "candidates": int(keep.sum())}
     if Comm.current().is_main:
         with atomic_dir(run.dir("dedup")) as tmp:
             save_dedup_result(DedupResult(keep, result.groups, result.contaminated, result.counts), tmp)
             save_npy(tmp / "candidates.npy", np.flatnonzero(keep).astype(np.int64))
-    return {**result.counts, "unreadable": int((~valid).sum()), "candidates": int(keep.sum())}
+            if run.pool is not None:
+                write_dedup_report(tmp, run.pool, result.groups, counts, run.cur.report_examples, run.cfg.seed)
+    return counts
 
 
 def _first_part(run: _Run) -> str:

@@ -1,5 +1,9 @@
-"""The curation report: one self-contained HTML page (PNG figures inlined as base64) showing
-cluster-size histograms per level before and after sampling, the largest duplicate groups,
+"""The curation reports: self-contained HTML pages (PNG figures inlined as base64).
+
+The dedup stage writes `dedup/report.html`: what was removed and why (exact copies, near copies,
+contamination), the size of the largest group, the largest groups and a random sample of groups as
+pictures, each with its kept image framed green, so a person can look before sampling. The final
+report repeats that section and adds cluster-size histograms per level before and after sampling
 and example selected images of the largest top-level clusters.
 """
 
@@ -79,24 +83,46 @@ def write_curation_report(directory: str | Path, pool: ImagePool | None, tree: C
         "<h2>Cluster sizes per level, before and after sampling</h2>", _img(histogram),
     ]
     if pool is not None:
-        sections += _duplicate_section(pool, duplicate_groups, n_examples)
+        sections += duplicate_section(pool, duplicate_groups, counts["dedup"], n_examples)
         sections += _cluster_section(pool, tree, selection, n_examples)
-    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>dinoscale curation report</title>"
-            "<style>body{font-family:sans-serif;margin:2em} figure{margin:0.5em 0} figcaption{font-size:0.8em}"
-            "</style></head><body><h1>Curation report</h1>" + "\n".join(sections) + "</body></html>\n")
-    write_text(directory / REPORT, page)
-    return directory / REPORT
+    return _write_page(directory, "Curation report", sections)
 
 
-def _duplicate_section(pool: ImagePool, groups: Sequence[np.ndarray], n_examples: int) -> list[str]:
+def write_dedup_report(directory: str | Path, pool: ImagePool, groups: Sequence[np.ndarray], counts: dict[str, Any],
+                       n_examples: int, seed: int = 0) -> Path:
+    """Write `directory/report.html`: the dedup stage's removals, to look at before sampling."""
+    return _write_page(directory, "Dedup report", duplicate_section(pool, groups, counts, n_examples, seed))
+
+
+def duplicate_section(pool: ImagePool, groups: Sequence[np.ndarray], counts: dict[str, Any], n_examples: int,
+                      seed: int = 0) -> list[str]:
+    """Removed per reason, the largest group, and the largest groups and a random sample of groups as pictures."""
+    removed = (f"{counts.get('exact_duplicates', 0)} exact copies, {counts.get('near_duplicates', 0)} near copies and "
+               f"{counts.get('contaminated_items', 0)} images of groups that touch an evaluation set removed; "
+               f"{len(groups)} duplicate groups, the largest of {counts.get('largest_group', 1)} images. Every "
+               "member of a group is a copy of its kept image (framed green).")
+    parts = ["<h2>Duplicates</h2>", f"<p>{html.escape(removed)}</p>"]
     largest = sorted(range(len(groups)), key=lambda g: (-len(groups[g]), int(groups[g][0])))[:n_examples]
-    parts = [f"<h2>Duplicate groups ({len(groups)} found; the {len(largest)} largest, survivor framed green)</h2>"]
-    for g in largest:
-        members = groups[g][:n_examples]
-        caption = ", ".join(html.escape(pool.keys[int(i)]) for i in members)
-        parts.append(f"<figure>{_img(thumbnail_row(pool, members, highlight_first=True))}"
-                     f"<figcaption>group {g}: {caption}</figcaption></figure>")
+    rng = np.random.default_rng(seed)
+    sample = sorted(rng.choice(len(groups), min(n_examples, len(groups)), replace=False).tolist()) if groups else []
+    for title, chosen in ((f"The {len(largest)} largest groups", largest),
+                          (f"{len(sample)} groups drawn at random", sample)):
+        parts.append(f"<h3>{title}</h3>")
+        for g in chosen:
+            members = groups[g][:n_examples]
+            caption = ", ".join(html.escape(pool.keys[int(i)]) for i in members)
+            more = f" and {len(groups[g]) - len(members)} more" if len(groups[g]) > len(members) else ""
+            parts.append(f"<figure>{_img(thumbnail_row(pool, members, highlight_first=True))}"
+                         f"<figcaption>group {g} ({len(groups[g])} images): {caption}{more}</figcaption></figure>")
     return parts
+
+
+def _write_page(directory: Path | str, title: str, sections: list[str]) -> Path:
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>dinoscale {title.lower()}</title>"
+            "<style>body{font-family:sans-serif;margin:2em} figure{margin:0.5em 0} figcaption{font-size:0.8em}"
+            f"</style></head><body><h1>{title}</h1>" + "\n".join(sections) + "</body></html>\n")
+    write_text(Path(directory) / REPORT, page)
+    return Path(directory) / REPORT
 
 
 def _cluster_section(pool: ImagePool, tree: ClusterTree, selection: Selection, n_examples: int) -> list[str]:

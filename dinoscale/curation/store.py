@@ -157,9 +157,14 @@ class RowSubset:
         return rows if dtype is None else rows.astype(dtype)
 
 
+def fingerprint_rows(n_rows: int) -> np.ndarray:
+    """Up to 64 evenly spaced rows of n_rows, the ones a fingerprint reads."""
+    return np.unique(np.linspace(0, n_rows - 1, num=min(FINGERPRINT_ROWS, n_rows)).astype(np.int64))
+
+
 def data_fingerprint(x: Any) -> str:
     """Shape, dtype and the bytes of up to 64 evenly spaced rows: cheap even for a store on disk."""
-    rows = np.unique(np.linspace(0, x.shape[0] - 1, num=min(FINGERPRINT_ROWS, x.shape[0])).astype(np.int64))
+    rows = fingerprint_rows(x.shape[0])
     digest = hashlib.sha256(f"{tuple(x.shape)}{np.dtype(x.dtype)}".encode())
     digest.update(np.ascontiguousarray(x[rows]).tobytes())
     return digest.hexdigest()[:16]
