@@ -9,12 +9,18 @@ on every rank, so the shards together are one index cut by rows. Which list a ro
 which `nprobe` lists a query scans are found block by block (fixed blocks of rows, `collective`)
 with float32 torch GEMMs, the same on any world size; faiss scans the lists.
 
-Queries leave the rank that owns them in blocks, every rank answers with its k best, and the owner
-merges the answers by score, then id. A score tells on which side of the caller's threshold a pair
-lies unless it is within the score's error bound of it (float32 rounding; plus the 8-bit
-quantisation error, at most half a step per dimension, for the inverted file); those pairs are
-decided on the cosine of the stored embeddings in float64 (`exact_cosines`), by the rank that
-holds the indexed row.
+Queries leave the rank that owns them in blocks, and every rank answers with its best rows by the
+index's score: k of them from the exact index; from the inverted file, whose 8-bit scores can
+misorder close rows, k + max(k, `MIN_RERANK_MARGIN`). The index's score tells on which side of the
+caller's threshold a pair lies unless it is within the score's error bound of it (float32
+rounding; plus the 8-bit quantisation error, at most half a step per dimension, for the inverted
+file), so every candidate that may lie above the threshold is scored again on the cosine of the
+stored embeddings in float64 (`exact_cosines`), by the rank that holds the indexed row. The owner
+keeps the best candidates of all answers by the index's score, then id, and of those the k best by
+the refined score, then id. Both choices depend on the query and the row alone, never on the
+number of ranks; and the neighbours above the threshold among a query's k nearest are the exact
+ones whenever the candidates hold them (an exact index, or an inverted file that probes their
+lists, with a margin wider than its misordering).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from dinoscale.curation.points import Points
 from dinoscale.curation.store import RowSubset
 
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
+MIN_RERANK_MARGIN = 8
 TRAINING_POINTS_PER_LIST = 64
 QUANTIZER_ITERATIONS = 10
 
@@ -53,8 +60,9 @@ class Neighbours:
     cosines, and whether each lies above the threshold the search was asked about."""
 
     ids: np.ndarray  # (q, k) int64
-    scores: np.ndarray  # (q, k) float32 (float64 cosine for the pairs decided exactly)
+    scores: np.ndarray  # (q, k) float32 (float64 cosine for the pairs that may lie above the threshold)
     above: np.ndarray  # (q, k) bool
+    index_scores: np.ndarray  # (q, k) float32: the index's own scores, which choose the candidates
 
 
 class ShardedCosineIndex:
@@ -128,10 +136,15 @@ class ShardedCosineIndex:
                 lengths = [0] * self.comm.world
                 lengths[owner] = int(self.comm.broadcast(len(query_ids), src=owner))
                 query_ids, queries, probes = (self.comm.concat(a, lengths) for a in (query_ids, queries, probes))
-                found = self._search_shard(queries, probes, k, threshold)
-                answers = [self.comm.concat(part) for part in (found.ids, found.scores, found.above)]
+                found = self._search_shard(queries, probes, k + self.margin(k), threshold)
+                answers = [self.comm.concat(part) for part in (found.ids, found.scores, found.above,
+                                                               found.index_scores)]
                 if mine:
-                    on_result(query_ids, _merge(*answers, self.comm.world, k))
+                    on_result(query_ids, _merge(*answers, self.comm.world, k, k + self.margin(k)))
+
+    def margin(self, k: int) -> int:
+        """How many candidates beyond the k nearest a shard returns per query."""
+        return 0 if self.quantizer is None else max(k, MIN_RERANK_MARGIN)
 
     def _probes(self, queries: np.ndarray) -> np.ndarray:
         """The lists each query scans ((q, 0) for an exact index)."""
@@ -140,26 +153,25 @@ class ShardedCosineIndex:
         return _nearest_lists(queries, self.quantizer, self.index.nprobe)
 
     def _search_shard(self, queries: np.ndarray, probes: np.ndarray, k: int, threshold: float) -> Neighbours:
-        """This shard's k best rows for each query (scanning lists `probes` of an inverted file), decided
-        exactly near the threshold."""
+        """This shard's k best rows by the index's score for each query (scanning lists `probes` of an
+        inverted file), scored exactly where they may lie above the threshold."""
         if self.index.ntotal == 0:
             shape = (len(queries), k)
-            return Neighbours(np.full(shape, -1), np.full(shape, -np.inf, dtype=np.float32), np.zeros(shape, bool))
+            nothing = np.full(shape, -np.inf, dtype=np.float32)
+            return Neighbours(np.full(shape, -1), nothing, np.zeros(shape, bool), nothing)
         if self.quantizer is None:
-            scores, positions = self.index.search(queries, k)
+            index_scores, positions = self.index.search(queries, k)
             found = np.where(positions >= 0, self.ids[np.maximum(positions, 0)], -1)
         else:
-            scores, found = self.index.search_preassigned(queries, k, probes, np.zeros(probes.shape, np.float32))
+            index_scores, found = self.index.search_preassigned(queries, k, probes,
+                                                                np.zeros(probes.shape, np.float32))
         error = np.abs(queries) @ self.step + 2 * (self.dim + 4) * FP32_UNIT_ROUNDOFF
-        above = (scores > threshold) & (found >= 0)
-        unsure = (np.abs(scores - threshold) <= error[:, None]) & (found >= 0)
-        q, j = np.nonzero(unsure)
+        scores, above = index_scores.astype(np.float64), (index_scores > threshold) & (found >= 0)
+        q, j = np.nonzero((index_scores >= threshold - error[:, None]) & (found >= 0))
         if len(q):
-            exact = exact_cosines(queries[q], l2_normalize(self.x[found[q, j]]))
-            scores = scores.astype(np.float64)
-            scores[q, j] = exact
-            above[q, j] = exact > threshold
-        return Neighbours(found, scores.astype(np.float32), above)
+            scores[q, j] = exact_cosines(queries[q], l2_normalize(self.x[found[q, j]]))
+            above[q, j] = scores[q, j] > threshold
+        return Neighbours(found, scores.astype(np.float32), above, index_scores)
 
 
 def exact_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -169,14 +181,17 @@ def exact_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(row_dots(a64, b64) / np.sqrt(row_dots(a64, a64) * row_dots(b64, b64)), -1.0, 1.0)
 
 
-def _merge(ids: np.ndarray, scores: np.ndarray, above: np.ndarray, n_shards: int, k: int) -> Neighbours:
-    """Each query's k best of the shards' answers (stacked shard after shard), by score then id."""
+def _merge(ids: np.ndarray, scores: np.ndarray, above: np.ndarray, index_scores: np.ndarray, n_shards: int, k: int,
+           n_candidates: int) -> Neighbours:
+    """Each query's k best by score, then id, of its `n_candidates` best by the index's score, then id, of
+    the shards' answers (stacked shard after shard)."""
     n = len(ids) // n_shards
-    ids, scores, above = (a.reshape(n_shards, n, -1).transpose(1, 0, 2).reshape(n, -1) for a in (ids, scores, above))
-    key_ids = np.where(ids >= 0, ids, np.iinfo(np.int64).max)
-    order = np.lexsort((key_ids, -scores.astype(np.float64)), axis=1)[:, :k]
-    take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
-    return Neighbours(take(ids), take(scores), take(above))
+    found = [a.reshape(n_shards, n, -1).transpose(1, 0, 2).reshape(n, -1) for a in (ids, scores, above, index_scores)]
+    for by, keep in ((3, n_candidates), (1, k)):
+        key_ids = np.where(found[0] >= 0, found[0], np.iinfo(np.int64).max)
+        order = np.lexsort((key_ids, -found[by].astype(np.float64)), axis=1)[:, :keep]
+        found = [np.take_along_axis(a, order, axis=1) for a in found]
+    return Neighbours(*found)
 
 
 def _nearest_lists(rows: np.ndarray, centroids: np.ndarray, n: int) -> np.ndarray:
