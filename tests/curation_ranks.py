@@ -1,7 +1,8 @@
 """What the distributed curation tests run on every rank: `python tests/curation_ranks.py SCENARIO OUT
 [ARGS]`, alone (a world of one) or under `python -m torch.distributed.run --nproc_per_node=N`.
 
-  algorithms OUT    dedup (flat and inverted-file index, exact hashes, a reference set), 3-level
+  algorithms OUT    dedup (flat and inverted-file index, exact hashes, a reference set; a random
+                    walk whose look-alike chains the survivor rule must not merge), 3-level
                     k-means (bf16 searches, screened seeding, random resampling) and sampling on
                     small data cut into blocks of 1024 rows; rank 0 writes OUT (.npz)
   rings OUT SEED..  Vo et al.'s five-ring toy: the 2-level tree of their README and 10 samples of
@@ -59,6 +60,13 @@ def algorithms(out: str) -> None:
                             reference_sets=[reference], seed=2)
         results[f"{name}_keep"], results[f"{name}_contaminated"] = found.keep, found.contaminated
         results[f"{name}_groups"] = np.concatenate([np.r_[len(g), g] for g in found.groups])
+    walk_rng = np.random.default_rng(6)  # a random walk: chains of look-alikes that must not merge
+    walk = np.cumsum(0.25 * walk_rng.standard_normal((3000, 32)), axis=0)
+    results["walk"] = (walk / np.linalg.norm(walk, axis=1, keepdims=True)).astype(np.float32)
+    found = deduplicate(results["walk"], DedupConfig(k=8, threshold=0.9),
+                        pixel_counts=walk_rng.integers(1, 4, 3000), keys=[f"{j:05d}" for j in walk_rng.permutation(3000)])
+    results["walk_keep"], results["walk_members"] = found.keep, np.concatenate(found.groups)
+    results["walk_group_starts"] = np.cumsum([0] + [len(g) for g in found.groups[:-1]])
     cfg = KMeansConfig(n_clusters=[60, 12, 4], n_resampling_steps=[2, 2, 1], sample_size=[8, 3, 2], n_iter=8,
                        resampling_strategy="random", train_sample=4000, seeding_points_per_cluster=20)
     survivors = np.flatnonzero(results["flat_keep"])

@@ -39,7 +39,8 @@ def on_ranks(n: int, *args: str, timeout: float = 600, check: bool = True) -> su
 
 def test_one_two_and_three_ranks_give_the_same_groups_tree_and_sample(tmp_path):
     """Blocks of 1024 rows over 6,000 points: 3 ranks hold 2 blocks each. Everything must be equal to the
-    bit: dedup (exact index and inverted file), every level's assignment and centroids, the sample."""
+    bit: dedup (exact index and inverted file; and a random walk, whose groups hold only copies of their
+    survivor), every level's assignment and centroids, the sample."""
     results = []
     for n in (1, 2, 3):
         on_ranks(n, "algorithms", str(tmp_path / f"{n}.npz"))
@@ -47,6 +48,10 @@ def test_one_two_and_three_ranks_give_the_same_groups_tree_and_sample(tmp_path):
     one = results[0]
     assert (~one["flat_keep"]).sum() > 150 and one["flat_contaminated"].sum() >= 3
     assert len(one["sample"]) == 800 and len([k for k in one.files if k.startswith("assignment")]) == 3
+    walk, groups = one["walk"].astype(np.float64), np.split(one["walk_members"], one["walk_group_starts"][1:])
+    assert all((walk[g[1:]] @ walk[g[0]] > 0.9).all() for g in groups)  # members are copies of their survivor
+    assert any((walk[g] @ walk[g].T <= 0.9).any() for g in groups)  # ... but not always of each other
+    assert np.array_equal(one["walk_keep"], ~np.isin(np.arange(len(walk)), np.concatenate([g[1:] for g in groups])))
     for other in results[1:]:
         assert sorted(other.files) == sorted(one.files)
         assert [k for k in one.files if not np.array_equal(one[k], other[k])] == []
