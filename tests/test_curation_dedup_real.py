@@ -13,6 +13,7 @@ from dinoscale.curation import pipeline
 from dinoscale.curation.copy_descriptor import CALIBRATIONS
 from dinoscale.curation.dedup import check_threshold, deduplicate, load_dedup_result
 from dinoscale.curation.dedup_eval import score_groups, truth_from_real_set
+from dinoscale.curation.store import RowStore
 from dinoscale.data.pool import open_pool
 from dinoscale.data.real_images import OXYGEN_ROOT, RealSetSpec, build_real_set, load_real_set
 from dinoscale.errors import ConfigError
@@ -31,9 +32,9 @@ def real_run(tmp_path_factory):
         pipeline.run_stage(cfg, stage)
     pool = open_pool(root / "pool")
     return {"cfg": cfg, "pool": pool, "truth": truth_from_real_set(load_real_set(root), pool.keys),
-            "x": np.load(root / "run" / "embed" / "copy_embeddings.npy").astype(np.float32),
-            "valid": np.load(root / "run" / "embed" / "valid.npy"),
-            "pixels": np.load(root / "run" / "embed" / "pixel_counts.npy"),
+            "x": np.asarray(RowStore.open(root / "run" / "embed", "copy_embeddings"), dtype=np.float32),
+            "valid": np.asarray(RowStore.open(root / "run" / "embed", "valid")),
+            "pixels": np.asarray(RowStore.open(root / "run" / "embed", "pixel_counts")),
             "dedup": load_dedup_result(root / "run" / "dedup"), "report": root / "run" / "dedup" / "report.html"}
 
 
