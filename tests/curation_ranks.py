@@ -63,8 +63,8 @@ def algorithms(out: str) -> None:
     walk_rng = np.random.default_rng(6)  # a random walk: chains of look-alikes that must not merge
     walk = np.cumsum(0.25 * walk_rng.standard_normal((3000, 32)), axis=0)
     results["walk"] = (walk / np.linalg.norm(walk, axis=1, keepdims=True)).astype(np.float32)
-    found = deduplicate(results["walk"], DedupConfig(k=8, threshold=0.9),
-                        pixel_counts=walk_rng.integers(1, 4, 3000), keys=[f"{j:05d}" for j in walk_rng.permutation(3000)])
+    found = deduplicate(results["walk"], DedupConfig(k=8, threshold=0.9), pixel_counts=walk_rng.integers(1, 4, 3000),
+                        keys=[f"{j:05d}" for j in walk_rng.permutation(3000)])
     results["walk_keep"], results["walk_members"] = found.keep, np.concatenate(found.groups)
     results["walk_group_starts"] = np.cumsum([0] + [len(g) for g in found.groups[:-1]])
     cfg = KMeansConfig(n_clusters=[60, 12, 4], n_resampling_steps=[2, 2, 1], sample_size=[8, 3, 2], n_iter=8,
