@@ -15,7 +15,8 @@ misorder close rows, k + max(k, `MIN_RERANK_MARGIN`). The index's score tells on
 caller's threshold a pair lies unless it is within the score's error bound of it (float32
 rounding; plus the 8-bit quantisation error, at most half a step per dimension, for the inverted
 file), so every candidate that may lie above the threshold is scored again on the cosine of the
-stored embeddings in float64 (`exact_cosines`), by the rank that holds the indexed row. The owner
+stored embeddings in float64 (`exact_cosines`), by the rank that holds the indexed row (a query
+that is itself an indexed row meets that row at cosine 1, which is not read again). The owner
 keeps the best candidates of all answers by the index's score, then id, and of those the k best by
 the refined score, then id. Both choices depend on the query and the row alone, never on the
 number of ranks; and the neighbours above the threshold among a query's k nearest are the exact
@@ -136,7 +137,8 @@ class ShardedCosineIndex:
                 lengths = [0] * self.comm.world
                 lengths[owner] = int(self.comm.broadcast(len(query_ids), src=owner))
                 query_ids, queries, probes = (self.comm.concat(a, lengths) for a in (query_ids, queries, probes))
-                found = self._search_shard(queries, probes, k + self.margin(k), threshold)
+                found = self._search_shard(queries, probes, k + self.margin(k), threshold,
+                                           query_ids if x is self.x else None)
                 answers = [self.comm.concat(part) for part in (found.ids, found.scores, found.above,
                                                                found.index_scores)]
                 if mine:
@@ -152,9 +154,11 @@ class ShardedCosineIndex:
             return np.zeros((len(queries), 0), dtype=np.int64)
         return _nearest_lists(queries, self.quantizer, self.index.nprobe)
 
-    def _search_shard(self, queries: np.ndarray, probes: np.ndarray, k: int, threshold: float) -> Neighbours:
+    def _search_shard(self, queries: np.ndarray, probes: np.ndarray, k: int, threshold: float,
+                      own_ids: np.ndarray | None) -> Neighbours:
         """This shard's k best rows by the index's score for each query (scanning lists `probes` of an
-        inverted file), scored exactly where they may lie above the threshold."""
+        inverted file), scored exactly where they may lie above the threshold. `own_ids` are the queries'
+        ids when they are rows of the indexed array: a query meets its own row at cosine 1."""
         if self.index.ntotal == 0:
             shape = (len(queries), k)
             nothing = np.full(shape, -np.inf, dtype=np.float32)
@@ -167,7 +171,11 @@ class ShardedCosineIndex:
                                                                 np.zeros(probes.shape, np.float32))
         error = np.abs(queries) @ self.step + 2 * (self.dim + 4) * FP32_UNIT_ROUNDOFF
         scores, above = index_scores.astype(np.float64), (index_scores > threshold) & (found >= 0)
-        q, j = np.nonzero((index_scores >= threshold - error[:, None]) & (found >= 0))
+        maybe_above = (index_scores >= threshold - error[:, None]) & (found >= 0)
+        if own_ids is not None:
+            itself = maybe_above & (found == own_ids[:, None])
+            scores[itself], above[itself], maybe_above = 1.0, 1.0 > threshold, maybe_above & ~itself
+        q, j = np.nonzero(maybe_above)
         if len(q):
             scores[q, j] = exact_cosines(queries[q], l2_normalize(self.x[found[q, j]]))
             above[q, j] = scores[q, j] > threshold
