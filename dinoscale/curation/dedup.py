@@ -55,7 +55,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from dinoscale.curation.collective import Comm
-from dinoscale.curation.copy_descriptor import CALIBRATIONS
 from dinoscale.curation.faiss_utils import check_embeddings
 from dinoscale.curation.knn import Neighbours, ShardedCosineIndex
 from dinoscale.curation.store import data_fingerprint, fingerprint_rows
@@ -160,6 +159,9 @@ def deduplicate(embeddings: Any, cfg: Any, hashes: Sequence[str] | Callable[[int
 def check_threshold(embedding: str, threshold: float, key: str = "curation.dedup.threshold") -> None:
     """Refuse a near-dedup threshold far below the model-free `embedding`'s working range and warn outside
     it, with the precision and recall measured there on real images (models a user gives are not checked)."""
+    # imported here: the descriptors pull in torchvision (170 MB per process) that deduplicate never needs
+    from dinoscale.curation.copy_descriptor import CALIBRATIONS
+
     calibration = CALIBRATIONS.get(embedding)
     if calibration is None:
         return
