@@ -36,9 +36,11 @@ each rank owns contiguous blocks of items (`collective`). Exact duplicates are f
 partitioning: each item's digest travels to the rank its digest hashes to, which picks each
 digest's representative. The k-NN graph is searched across shards (`knn.ShardedCosineIndex`: each
 rank indexes its own items, every rank's queries visit every shard; exact faiss index up to
-`ivf_min_size` items, an inverted file above), and a pair's side of the threshold is decided in
-float64 wherever faiss's score could be off. Exact search makes the edge set independent of the
-pool order up to ties in the k-th neighbour's score. The links (a few per cent of the pool) are
+`ivf_min_size` items, an inverted file above), and a pair's side of the threshold and its place
+among a query's k nearest are decided on its float64 cosine wherever faiss's score could be off
+(the grouping depends on exactly which neighbours above the threshold are among the k nearest).
+Exact search makes the edge set independent of the pool order up to ties in the k-th neighbour's
+score. The links (a few per cent of the pool) are
 gathered on every rank, and every rank groups them by the rule above, ranking only the items the
 links name (by their pixel counts and keys, which every rank reads from the same store), so the
 groups and the kept set are those of a single process.
