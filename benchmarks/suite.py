@@ -226,6 +226,23 @@ def summarise_dense(out: dict) -> list[Row]:
     return rows
 
 
+def summarise_dedup_real(out: dict) -> list[Row]:
+    default = out["default"]
+    name = f"{default['copy_detection']} at cosine {default['threshold']}, {out['set']['items']:,} real images"
+    rows = [Row(f"near dedup {name}: pairwise precision", default["precision"]),
+            Row(f"near dedup {name}: pairwise recall", default["recall"]),
+            Row(f"near dedup {name}: groups holding two different pictures", default["mixed_groups"])]
+    for candidate, result in out["candidates"].items():
+        precise = [c for c in result["curve"] if c["precision"] >= 0.9]
+        best = max(precise, key=lambda c: c["recall"]) if precise else None
+        rows.append(Row(f"copy detection `{candidate}`: recall at precision >= 0.9",
+                        f"{best['recall']:.3f} (cosine {best['threshold']})" if best else "not reached"))
+    for embedder, entropy in out.get("category_entropy", {}).items():
+        rows.append(Row(f"category entropy of the curated subset, {embedder} embedder", entropy["curated"],
+                        "uniform random subset", entropy["uniform_random"], entropy["curated"] / entropy["uniform_random"]))
+    return rows
+
+
 def _exponents(out: dict, name: str) -> str:
     wall, cpu = out[f"{name}_growth_exponent"], out[f"{name}_cpu_growth_exponent"]
     return "needs two sizes" if wall is None else f"{wall:.2f} (CPU time {cpu:.2f})"
@@ -262,6 +279,8 @@ BENCHMARKS = {
     "build": Benchmark("benchmarks.bench_build", {
         "quick": ["--arch", "vit_small", "--dry-arch", "vit_large"],
         "default": ["--arch", "vit_giant2", "--dry-arch", "vit_7b"]}, summarise_build),
+    "dedup_real": Benchmark("benchmarks.bench_dedup_real", {
+        "quick": ["--max-pictures", "100"], "default": []}, summarise_dedup_real),
 }
 
 

@@ -14,6 +14,7 @@ import contextlib
 import gc
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Iterator
 
 import torch
@@ -126,9 +127,10 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout: timedelta | None = None) -> DistInfo:
     """Initialise the process group: the ranks torchrun or SLURM launched, else a world of one
-    (an in-process store; no port is opened)."""
+    (an in-process store; no port is opened). `timeout` bounds every collective (None: torch's
+    default)."""
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         os.environ.update(distributed_env_from_slurm().torch_env())
     size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -142,17 +144,17 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         store = dist.HashStore() if size == 1 else None
-        dist.init_process_group(backend=backend, rank=this_rank, world_size=size, store=store,
+        dist.init_process_group(backend=backend, rank=this_rank, world_size=size, store=store, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
     return DistInfo(this_rank, size, local_rank, device)
 
 
 @contextlib.contextmanager
-def process_group() -> Iterator[DistInfo]:
+def process_group(timeout: timedelta | None = None) -> Iterator[DistInfo]:
     """`init_distributed` for the duration of the block; a process group it started is destroyed
     at the end (one that existed before is left alone)."""
     started = not dist.is_initialized()
-    info = init_distributed()
+    info = init_distributed(timeout)
     try:
         yield info
     finally:

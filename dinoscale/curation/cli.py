@@ -1,4 +1,5 @@
-"""`dinoscale curate CONFIG [overrides] [--stage NAME] [--slice i/n | --merge N]`.
+"""`dinoscale curate CONFIG [overrides] [--stage NAME] [--slice i/n | --merge N]`, alone or on every rank
+of `torchrun ... -m dinoscale.cli curate ...` (gloo on CPU, NCCL on GPU).
 
 Kept apart from the stage runner so that building the `dinoscale` parser imports nothing heavy.
 """
@@ -24,7 +25,8 @@ def add_curate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 def cmd_curate(args: argparse.Namespace) -> None:
     from dinoscale.config import load_config
-    from dinoscale.curation.pipeline import merge_stage, parse_slice, run_curation
+    from dinoscale.curation.pipeline import merge_stage, parse_slice, run_curation, stage_dir
+    from dinoscale.utils.logging import rank
 
     if (args.slice or args.merge) and not args.stage:
         raise ConfigError("--slice and --merge need --stage NAME (a parallel stage: embed, assign or shards)")
@@ -35,5 +37,8 @@ def cmd_curate(args: argparse.Namespace) -> None:
         result = {args.stage: merge_stage(cfg, args.stage, args.merge)}
     else:
         result = run_curation(cfg, args.stage, parse_slice(args.slice) if args.slice else None)
-    for name, counts in result.items():
-        print(f"{name}: {counts}")
+    if rank() == 0:  # every rank of a torchrun or SLURM job has the same result
+        for name, counts in result.items():
+            print(f"{name}: {counts}")
+        if "dedup" in result and cfg.curation.pool:
+            print(f"what dedup removed, as pictures: {stage_dir(cfg, 'dedup') / 'report.html'}")

@@ -17,12 +17,16 @@ class EmbedConfig:
     batch_size: int = knob(64, "images per forward", min=1)
     features: str = knob("cls", "which features to embed", choices=["cls", "cls_patchmean"])
     embeddings_file: str = knob("", "start from precomputed N x D embeddings (.npy) instead of images")
+    dtype: str = knob("float16", "how embeddings are stored: float16 (half the disk and memory of float32) or "
+                                 "float32", choices=["float16", "float32"])
     num_workers: int = knob(2, "data-loader processes decoding images", min=0)
     precision: str = knob("auto", "bf16 autocast where the hardware has it (auto), always, or never",
                           choices=["auto", "bf16", "fp32"])
     copy_detection: str = knob("", "a second embedding used only by dedup, as DINOv2 used a copy-detection model: "
-                                   "a weights file, `descriptor` (model-free: colour layout, gradient orientations "
-                                   "and colour histogram) or `pixels` (empty: dedup uses the main embeddings)")
+                                   "a TorchScript copy-detection model (e.g. SSCD) or backbone weights file, "
+                                   "`descriptor` (model-free: colour layout, gradient orientations and colour "
+                                   "histogram), `pdq` (Meta's PDQ hash) or `pixels` (empty: dedup uses the main "
+                                   "embeddings)")
     copy_detection_image_size: int = knob(32, "side of the images the copy-detection embedding sees (32 suits "
                                               "`descriptor`, 8 `pixels`)", min=1)
 
@@ -31,7 +35,9 @@ class EmbedConfig:
 class DedupConfig:
     exact: bool = knob(True, "drop exact duplicates by content hash")
     k: int = knob(64, "neighbours in the k-NN graph", min=1)
-    threshold: float = knob(0.6, "cosine above which two images are near duplicates", min=-1.0, max=1.0)
+    threshold: float = knob(0.6, "cosine above which an image is a near duplicate of the kept image of its group "
+                                 "(DINOv2: 0.6 with SSCD; model-free embeddings are checked against the range "
+                                 "measured on real images)", min=-1.0, max=1.0)
     decontamination_sets: List[str] = knob([], "embeddings (.npy) or pools whose near duplicates are dropped")
     decontamination_threshold: float = knob(0.45, "cosine for decontamination", min=-1.0, max=1.0)
     ivf_min_size: int = knob(250_000, "from this many images, search an approximate inverted-file index "
@@ -103,3 +109,5 @@ class CurationConfig:
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     report_examples: int = knob(8, "report: duplicate groups and top-level clusters shown, and images per cluster",
                                 min=0)
+    distributed_timeout_s: int = knob(1800, "under torchrun or a multi-task SLURM job: the longest a rank waits in "
+                                            "a collective for the others before the job stops", min=1)

@@ -13,17 +13,24 @@ on the RGB image in [0, 1] of side S that the embedding stage gives:
 
 Near copies (re-encodes, resizes, crops of a few percent, brightness shifts of 10%) keep a
 cosine above about 0.93 while different images with the same layout or palette fall below it
-(measured on the synthetic pool; see configs/demo.yaml).
+(measured on the synthetic pool; see configs/demo.yaml). On real pictures it is much weaker:
+look-alike icons on white reach 0.98-0.99 while crops, captions and the same icon at another size
+often fall below; `CALIBRATIONS` holds its precision/recall curve measured on real images, and
+PDQ's (`PDQEmbedder`, Meta's perceptual hash made for copy detection), from which the defaults
+and the working ranges are set.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dinoscale.errors import ConfigError
 from dinoscale.eval.features import IMAGENET_MEAN, IMAGENET_STD
 
 LAYOUT_GRID = 8
@@ -46,9 +53,7 @@ class CopyDescriptorEmbedder:
 
 def copy_descriptor(images: Tensor) -> Tensor:
     """(B, dim) L2-normalised descriptors of ImageNet-normalised images (B, 3, S, S)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    rgb = (images.float() * std + mean).clamp_(0, 1)
+    rgb = _rgb(images)
     side = rgb.shape[-1]
     luma = (rgb * torch.tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
     blocks = {
@@ -58,6 +63,13 @@ def copy_descriptor(images: Tensor) -> Tensor:
     }
     joined = torch.cat([blocks[name] * math.sqrt(weight) for name, weight in BLOCK_WEIGHTS.items()], dim=1)
     return F.normalize(joined, dim=1)
+
+
+def _rgb(images: Tensor) -> Tensor:
+    """ImageNet-normalised images back to RGB in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images.float() * std + mean).clamp_(0, 1)
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
@@ -113,3 +125,52 @@ def colour_histogram(rgb: Tensor, bins: int) -> Tensor:
             weight = weight * (upper_weight[:, channel] if step[channel] else 1 - upper_weight[:, channel])
         histogram.scatter_add_(1, index, weight)
     return (histogram / (rgb.shape[-2] * rgb.shape[-1])).sqrt()
+
+
+class PDQEmbedder:
+    """Meta's PDQ perceptual hash (256 bits, made for copy detection) as a unit vector of +-1/16 per bit, so
+    that cosine = 1 - 2 * hamming / 256 (PDQ's usual match distance 31 bits is cosine 0.758)."""
+
+    dim = 256
+
+    def __init__(self, image_size: int):
+        try:
+            import pdqhash
+        except ImportError as err:
+            raise ConfigError("the `pdq` copy-detection embedding needs the pdqhash package: pip install pdqhash") \
+                from err
+        self.image_size, self._compute = image_size, pdqhash.compute
+
+    def __call__(self, images: Tensor) -> Tensor:
+        rgb = _rgb(images).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        bits = np.stack([self._compute(np.ascontiguousarray(image))[0] for image in rgb])
+        return torch.from_numpy(bits.astype(np.float32) * 2 - 1) / 16
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Pairwise precision and recall of a model-free copy-detection embedding against the threshold, measured
+    on the real-image set (`python -m benchmarks.bench_dedup_real`: 8,356 images, oxygen icons at 8-256 px,
+    GNOME wallpapers and scikit-image photos, with planted copies; k=16), and the thresholds it works in:
+    from the lowest at which precision reaches 0.9 up to the highest at which recall stays above 0.1.
+    Below `refuse_below` precision is about 0.5 or unmeasured: most of what near dedup would remove
+    is not a copy."""
+
+    points: tuple[tuple[float, float, float], ...]  # (threshold, precision, recall)
+    working_range: tuple[float, float]
+    refuse_below: float
+
+    def at(self, threshold: float) -> tuple[float, float]:
+        """Precision and recall interpolated at `threshold` (clamped to the measured span)."""
+        t, p, r = (np.array(column) for column in zip(*self.points))
+        return float(np.interp(threshold, t, p)), float(np.interp(threshold, t, r))
+
+
+CALIBRATIONS = {
+    "descriptor": Calibration(((0.85, 0.284, 0.603), (0.90, 0.396, 0.645), (0.93, 0.561, 0.623), (0.95, 0.714, 0.558),
+                               (0.97, 0.849, 0.448), (0.98, 0.911, 0.365), (0.99, 0.956, 0.250),
+                               (0.995, 0.967, 0.176)), working_range=(0.98, 0.995), refuse_below=0.92),
+    "pdq": Calibration(((0.5, 0.670, 0.376), (0.6, 0.735, 0.330), (0.7, 0.801, 0.279), (0.76, 0.861, 0.245),
+                        (0.8, 0.884, 0.218), (0.85, 0.913, 0.180), (0.9, 0.940, 0.136), (0.95, 0.969, 0.078)),
+                       working_range=(0.85, 0.9), refuse_below=0.5),
+}

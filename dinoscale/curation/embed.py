@@ -1,4 +1,4 @@
-"""Embedding a pool: L2-normalised float16 vectors aligned with the pool's item order.
+"""Embedding a pool: L2-normalised vectors (float16, or float32 on request) aligned with the pool's item order.
 
 The main embedder (`curation.embed.backbone`) is a backbone `load_backbone` reads (official
 DINOv2/DINOv3 weights, a dinoscale export, or a dinoscale run directory through its
@@ -9,23 +9,26 @@ patch tokens side by side (scaled so the whole vector has unit norm). The main e
 also come from a precomputed (N, D) file (`embeddings_file`).
 
 An optional second embedder (`copy_detection`) serves dedup only, as DINOv2 used a copy-
-detection model for deduplication. `descriptor` is a model-free one (`copy_descriptor`: colour
-layout, gradient orientations and colour histogram): at 32 px it finds the synthetic pool's near
-copies (re-encodes, resizes, small crops, brightness shifts) at a cosine of about 0.93 (see
-configs/demo.yaml for the measured recall and precision).
+detection model for deduplication: a TorchScript model file the user gives (such as SSCD), or a
+model-free one: `descriptor` (`copy_descriptor`: colour layout, gradient orientations and colour
+histogram) or `pdq` (Meta's PDQ hash). Their measured precision and recall on real and synthetic
+images are in `copy_descriptor.CALIBRATIONS` and configs/curate/small.yaml.
 
 Work is split into slices of whole batches (`embed_slice_range`), so the batches, and hence the
-bf16 numerics, are the same whatever the number of slices: slices 0..n-1 joined by
-`merge_slices` give the single-process arrays byte for byte. A slice holds embeddings.npy
-(zero rows for unreadable images), copy_embeddings.npy (with a copy-detection embedder),
-valid.npy, content_hashes.npy (sha256 hex of the file bytes, read anyway to decode them) and
-pixel_counts.npy.
+bf16 numerics, are the same whatever the number of slices: the rows of slices 0..n-1 are the
+single-process arrays byte for byte. A slice holds embeddings.npy (zero rows for unreadable
+images; float16 by default, float32 on request), copy_embeddings.npy (with a copy-detection
+embedder), valid.npy, content_hashes.npy (sha256 hex of the file bytes, read anyway to decode
+them) and pixel_counts.npy. The slices stay where they are: `list_slices` makes them one row
+store (`store`), which later stages read through memory maps, each rank its own rows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import warnings
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +41,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from dinoscale.curation.config import EmbedConfig
-from dinoscale.curation.copy_descriptor import CopyDescriptorEmbedder
+from dinoscale.curation.copy_descriptor import CopyDescriptorEmbedder, PDQEmbedder
+from dinoscale.curation.store import RowStore, write_parts_listing
 from dinoscale.data.pool import ImagePool, decode_image, open_pool
 from dinoscale.errors import ConfigError, DataError
 from dinoscale.eval.features import eval_transform
@@ -51,11 +55,12 @@ log = get_logger(__name__)
 
 PIXELS = "pixels"
 DESCRIPTOR = "descriptor"
-MODEL_FREE = (PIXELS, DESCRIPTOR)
+PDQ = "pdq"
+MODEL_FREE = (PIXELS, DESCRIPTOR, PDQ)
 RUN_EXPORT = Path("export") / "teacher.pth"
 MAIN, COPY = "embeddings", "copy_embeddings"
 HASH_DTYPE = np.dtype("S64")
-MERGE_CHUNK_ROWS = 65536
+FILE_CHUNK_ROWS = 65536
 
 
 class Embedder(Protocol):
@@ -97,6 +102,38 @@ class BackboneEmbedder:
         return (torch.cat([cls, patch_mean], dim=1) / math.sqrt(2.0)).cpu()
 
 
+class TorchScriptEmbedder:
+    """A TorchScript copy-detection model a user gives (DINOv2 deduplicated with SSCD, released as
+    TorchScript): ImageNet-normalised images (B, 3, S, S) in, one descriptor row per image out,
+    L2-normalised here."""
+
+    def __init__(self, path: Path, image_size: int, precision: str, device: torch.device):
+        with warnings.catch_warnings():  # TorchScript is how SSCD and its kin are released
+            warnings.simplefilter("ignore", FutureWarning)
+            self.model = torch.jit.load(str(path), map_location=device).eval()
+        self.image_size, self.precision, self.device = image_size, precision, device
+        with torch.no_grad():
+            out = self.model(torch.zeros(1, 3, image_size, image_size, device=device))
+        if out.ndim != 2:
+            raise ConfigError(f"the TorchScript model {path} returns a tensor of shape {tuple(out.shape)} for one "
+                              "image; a copy-detection model must return one descriptor row (1, D) per image")
+        self.dim = out.shape[1]
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        with inference_autocast(self.device, self.precision):
+            out = self.model(images.to(self.device, non_blocking=True))
+        return F.normalize(out.float(), dim=1).cpu()
+
+
+def is_torchscript(path: Path) -> bool:
+    """A TorchScript archive is a zip file with a code/ folder (torch.save writes none)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
 def backbone_weights(backbone: str, key: str = "curation.embed.backbone") -> Path:
     """The weights file named by `backbone`: a file, or RUN/export/teacher.pth of a dinoscale run directory."""
     if not backbone:
@@ -122,12 +159,18 @@ def build_embedder(backbone: str, image_size: int, cfg: EmbedConfig, key: str = 
         return PixelEmbedder(image_size)
     if backbone == DESCRIPTOR:
         return CopyDescriptorEmbedder(image_size)
-    model = load_backbone(backbone_weights(backbone, key), arch=cfg.arch)
+    if backbone == PDQ:
+        return PDQEmbedder(image_size)
+    weights = backbone_weights(backbone, key)
+    device = device or default_device()
+    if is_torchscript(weights):
+        return TorchScriptEmbedder(weights, image_size, cfg.precision, device)
+    model = load_backbone(weights, arch=cfg.arch)
     patch = model.patch_size
     if image_size % patch:
         raise ConfigError(f"the image size {image_size} for {key} is not a multiple of the backbone's patch size "
                           f"{patch}; pick e.g. {max(patch, image_size // patch * patch)}")
-    return BackboneEmbedder(model, image_size, cfg.features, cfg.precision, device or default_device())
+    return BackboneEmbedder(model, image_size, cfg.features, cfg.precision, device)
 
 
 def pool_embedders(cfg: EmbedConfig) -> dict[str, Embedder]:
@@ -176,13 +219,14 @@ class SliceEmbeddings:
     """What one slice of the pool gives; row j belongs to pool item `start + j`."""
 
     start: int
-    arrays: dict[str, np.ndarray]  # MAIN (and COPY) (n, D) float16; valid; content_hashes; pixel_counts
+    arrays: dict[str, np.ndarray]  # MAIN (and COPY) (n, D) float16/32; valid; content_hashes; pixel_counts
     skipped: dict[str, int] = field(default_factory=dict)
 
 
 def embed_slice(pool: ImagePool | None, indices: range, embedders: dict[str, Embedder], embeddings_file: str,
-                batch_size: int, num_workers: int) -> SliceEmbeddings:
-    """Embed pool items `indices` (a contiguous range): images through `embedders`, and/or rows of a file."""
+                batch_size: int, num_workers: int, dtype: str = "float16") -> SliceEmbeddings:
+    """Embed pool items `indices` (a contiguous range): images through `embedders`, and/or rows of a
+    file; vectors are stored as `dtype` (float16 or float32)."""
     arrays: dict[str, np.ndarray] = {
         "valid": np.ones(len(indices), dtype=bool),
         "content_hashes": np.zeros(len(indices), dtype=HASH_DTYPE),
@@ -190,9 +234,9 @@ def embed_slice(pool: ImagePool | None, indices: range, embedders: dict[str, Emb
     }
     skipped: Counter[str] = Counter()
     if pool is not None:
-        skipped = _embed_images(pool, indices, embedders, batch_size, num_workers, arrays)
+        skipped = _embed_images(pool, indices, embedders, batch_size, num_workers, arrays, dtype)
     if embeddings_file:
-        rows, file_valid = _file_rows(embeddings_file, pool, indices)
+        rows, file_valid = _file_rows(embeddings_file, pool, indices, dtype)
         rows[~arrays["valid"]] = 0
         arrays[MAIN] = rows
         arrays["valid"] &= file_valid
@@ -200,12 +244,12 @@ def embed_slice(pool: ImagePool | None, indices: range, embedders: dict[str, Emb
 
 
 def _embed_images(pool: ImagePool, indices: range, embedders: dict[str, Embedder], batch_size: int,
-                  num_workers: int, arrays: dict[str, np.ndarray]) -> Counter[str]:
+                  num_workers: int, arrays: dict[str, np.ndarray], dtype: str) -> Counter[str]:
     names = list(embedders)
     dataset = _PoolImages(pool, indices, [embedders[name].image_size for name in names])
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     for name in names:
-        arrays[name] = np.zeros((len(indices), embedders[name].dim), dtype=np.float16)
+        arrays[name] = np.zeros((len(indices), embedders[name].dim), dtype=dtype)
     skipped: Counter[str] = Counter()
     done = 0
     for images, ok, digests, pixel_counts, reasons in progress(loader, "embedding", total=len(loader)):
@@ -214,7 +258,7 @@ def _embed_images(pool: ImagePool, indices: range, embedders: dict[str, Embedder
             # the whole batch goes through the model (unreadable rows zeroed after): batches never change shape
             vectors = embedders[name](batch)
             vectors[~ok] = 0
-            arrays[name][done:done + n] = vectors.numpy().astype(np.float16)
+            arrays[name][done:done + n] = vectors.numpy()
         arrays["valid"][done:done + n] = ok.numpy()
         arrays["content_hashes"][done:done + n] = [d.encode() for d in digests]
         arrays["pixel_counts"][done:done + n] = pixel_counts.numpy()
@@ -223,15 +267,20 @@ def _embed_images(pool: ImagePool, indices: range, embedders: dict[str, Embedder
     return skipped
 
 
-def _file_rows(embeddings_file: str, pool: ImagePool | None, indices: range) -> tuple[np.ndarray, np.ndarray]:
-    """Rows `indices` of the embeddings file, L2-normalised to float16, and which have a finite non-zero norm."""
+def _file_rows(embeddings_file: str, pool: ImagePool | None, indices: range, dtype: str
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Rows `indices` of the embeddings file, L2-normalised to `dtype`, and which have a finite non-zero norm."""
     x = load_embeddings_file(embeddings_file, len(pool) if pool is not None else None)
-    block = np.asarray(x[indices.start:indices.stop], dtype=np.float32)
-    norms = np.linalg.norm(block, axis=1)
-    valid = np.isfinite(norms) & (norms > 0)
-    rows = np.zeros_like(block)
-    rows[valid] = block[valid] / norms[valid, None]
-    return rows.astype(np.float16), valid
+    rows = np.zeros((len(indices), x.shape[1]), dtype=dtype)
+    valid = np.zeros(len(indices), dtype=bool)
+    for lo in range(0, len(indices), FILE_CHUNK_ROWS):
+        block = np.asarray(x[indices.start + lo:min(indices.start + lo + FILE_CHUNK_ROWS, indices.stop)],
+                           dtype=np.float32)
+        norms = np.linalg.norm(block, axis=1)
+        ok = np.isfinite(norms) & (norms > 0)
+        rows[lo:lo + len(block)][ok] = block[ok] / norms[ok, None]
+        valid[lo:lo + len(block)] = ok
+    return rows, valid
 
 
 def load_embeddings_file(path: str | Path, n_items: int | None) -> np.ndarray:
@@ -259,26 +308,22 @@ def save_slice(directory: Path, result: SliceEmbeddings) -> None:
                 np.save(f, array)
 
 
-def merge_slices(slice_dirs: Sequence[Path], out_dir: Path) -> dict[str, int]:
-    """Join the slices' arrays, one file per name in `out_dir`; embeddings are copied through a memory map."""
-    lengths = [np.load(d / "valid.npy", mmap_mode="r").shape[0] for d in slice_dirs]
-    n_items = sum(lengths)
-    counts = {"items": n_items}
-    for name in sorted(p.stem for p in slice_dirs[0].glob("*.npy")):
-        parts = [np.load(d / f"{name}.npy", mmap_mode="r") for d in slice_dirs]
-        with atomic_path(out_dir / f"{name}.npy") as tmp:
-            merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=parts[0].dtype,
-                                               shape=(n_items, *parts[0].shape[1:]))
-            row = 0
-            for part in parts:
-                for lo in range(0, len(part), MERGE_CHUNK_ROWS):
-                    merged[row + lo:row + min(lo + MERGE_CHUNK_ROWS, len(part))] = part[lo:lo + MERGE_CHUNK_ROWS]
-                row += len(part)
-            merged.flush()
-            del merged
-        if name in (MAIN, COPY):
-            counts[f"{name}_dim"] = int(parts[0].shape[1])
-    counts["valid"] = int(np.load(out_dir / "valid.npy").sum())
+def list_slices(slice_dirs: Sequence[Path], out_dir: Path) -> dict[str, int]:
+    """Make the slices' row-ranged arrays the stage's output: `out_dir/rows.json` lists them in row
+    order (read with `store.RowStore.open(out_dir, name)`); nothing is copied."""
+    names = sorted(p.stem for p in slice_dirs[0].glob("*.npy"))
+    for d in slice_dirs[1:]:
+        if sorted(p.stem for p in d.glob("*.npy")) != names:
+            raise DataError(f"embedding slice {d} holds other arrays than {slice_dirs[0]} ({names}); rerun it")
+    stores = {name: RowStore([d / f"{name}.npy" for d in slice_dirs]) for name in names}
+    n_items = len(stores["valid"])
+    if any(len(store) != n_items for store in stores.values()):
+        raise DataError(f"the embedding slices in {out_dir} hold arrays of different lengths; rerun them")
+    write_parts_listing(out_dir, slice_dirs, n_items)
+    counts = {"items": n_items, "valid": int(np.asarray(stores["valid"]).sum())}
+    for name in (MAIN, COPY):
+        if name in stores:
+            counts[f"{name}_dim"] = int(stores[name].shape[1])
     return counts
 
 
@@ -293,5 +338,5 @@ def embed_reference_set(path: str | Path, backbone: str, image_size: int, cfg: E
                           "for it (it starts from curation.embed.embeddings_file); give its embeddings as .npy")
     pool = open_pool(path)
     embedder = build_embedder(backbone, image_size, cfg)
-    result = embed_slice(pool, range(len(pool)), {MAIN: embedder}, "", cfg.batch_size, cfg.num_workers)
+    result = embed_slice(pool, range(len(pool)), {MAIN: embedder}, "", cfg.batch_size, cfg.num_workers, cfg.dtype)
     return result.arrays[MAIN][result.arrays["valid"]]

@@ -108,15 +108,83 @@ def nearest_centroids(x: np.ndarray, centroids: np.ndarray, n_nearest: int, rows
                       chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """For `rows` of `x` (a slice, an index array, or None for all): the `n_nearest` nearest
     centroids (L2), nearest first, and the squared distances to them; (rows, min(n_nearest,
-    n_centroids)) int64 and float32."""
+    n_centroids)) int64 and float32.
+
+    The answer is exact, whatever faiss's arithmetic: faiss's float32 distances (whose last bits
+    change with the number of threads and the batch) only propose the order, and a row whose
+    proposal is within faiss's rounding bound of a tie is decided again in float64 among all
+    centroids (equal float64 distances go to the smaller id). The distances returned are float64
+    ones rounded to float32. So the same row gets the same answer in any batch, on any number of
+    threads or ranks."""
     n_nearest = min(n_nearest, centroids.shape[0])
+    c64 = np.asarray(centroids, dtype=np.float64)
     index = on_device(faiss.IndexFlatL2(centroids.shape[1]))
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     rows = slice(0, x.shape[0]) if rows is None else rows
     n_rows = len(range(*rows.indices(x.shape[0]))) if isinstance(rows, slice) else len(rows)
     ids = np.empty((n_rows, n_nearest), dtype=np.int64)
     distances = np.empty((n_rows, n_nearest), dtype=np.float32)
-    for pos, dist, found in search(index, x, n_nearest, normalize=False, rows=rows, chunk_rows=chunk_rows):
-        ids[pos:pos + len(found)] = found
-        distances[pos:pos + len(found)] = dist
+    n_proposed = min(n_nearest + 1, len(c64))
+    largest_sq_norm = float((c64 * c64).sum(axis=1).max())
+    for pos, dist, found in search(index, x, n_proposed, normalize=False, rows=rows, chunk_rows=chunk_rows):
+        where = (slice(rows.start + pos, rows.start + pos + len(found)) if isinstance(rows, slice)
+                 else rows[pos:pos + len(found)])
+        chunk = np.asarray(x[where], dtype=np.float64)
+        chunk_ids, chunk_distances = _exact_order(chunk, c64, dist, found, n_nearest, largest_sq_norm)
+        ids[pos:pos + len(found)], distances[pos:pos + len(found)] = chunk_ids, chunk_distances
     return ids, distances
+
+
+def squared_distances(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Squared L2 distance of row i of `x` (n, D) to each of its centroids `c` (n, m, D), in float64,
+    summed in a fixed order (`_componentwise_sum`): the same bits for a pair in any batch."""
+    return _componentwise_sum(lambda lo, hi: c[lo:hi] - x[lo:hi, None], len(x), c.shape[1], c.shape[2], square=True)
+
+
+def row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Dot product of row i of `a` with row i of `b` (both (n, D)) in float64, summed in a fixed order."""
+    return _componentwise_sum(lambda lo, hi: a[lo:hi, None] * b[lo:hi, None], len(a), 1, a.shape[1])[:, 0]
+
+
+def _componentwise_sum(terms, n: int, m: int, d: int, square: bool = False) -> np.ndarray:
+    """(n, m) sums over the last axis of `terms(lo, hi)` ((hi - lo, m, d), squared first if asked),
+    added one component at a time, element-wise: a library reduction may change its order with the
+    data's alignment or length, this one cannot."""
+    out = np.empty((n, m))
+    rows_per_chunk = max(1, 2 ** 22 // (m * d))
+    for lo in range(0, n, rows_per_chunk):
+        hi = min(lo + rows_per_chunk, n)
+        components = np.ascontiguousarray(np.moveaxis(np.asarray(terms(lo, hi), dtype=np.float64), -1, 0))
+        total = np.zeros(components.shape[1:])
+        for component in components:
+            total += component * component if square else component
+        out[lo:hi] = total
+    return out
+
+
+def _exact_order(x: np.ndarray, c: np.ndarray, proposed: np.ndarray, proposed_ids: np.ndarray, n_nearest: int,
+                 largest_sq_norm: float) -> tuple[np.ndarray, np.ndarray]:
+    """The `n_nearest` nearest centroids of each row of `x` and their float64 squared distances, from
+    faiss's proposal (`n_nearest` + 1 float32 distances and ids, nearest first).
+
+    A float32 squared distance |x|^2 + |c|^2 - 2x.c, or sum((x - c)^2), is within
+    2(D + 4)u(|x|^2 + |c|^2) of the exact one (u = 2^-24); two proposals further apart than twice
+    that are in the right order. Rows with a closer pair, or a row of unknown (-1) ids, are
+    re-decided among all centroids in float64."""
+    d = x.shape[1]
+    margin = 4 * (d + 4) * 2.0 ** -24 * ((x * x).sum(axis=1) + largest_sq_norm)
+    gaps = np.diff(proposed.astype(np.float64), axis=1)[:, :n_nearest]
+    unsure = (gaps <= margin[:, None]).any(axis=1) | (proposed_ids[:, :n_nearest] < 0).any(axis=1)
+    ids = proposed_ids[:, :n_nearest].copy()
+    sure = np.flatnonzero(~unsure)
+    exact = np.empty(ids.shape)
+    exact[sure] = squared_distances(x[sure], c[ids[sure]])
+    unsure_rows = np.flatnonzero(unsure)
+    rows_per_chunk = max(1, 2 ** 22 // (len(c) * d))
+    for lo in range(0, len(unsure_rows), rows_per_chunk):
+        rows = unsure_rows[lo:lo + rows_per_chunk]
+        everything = squared_distances(x[rows], np.broadcast_to(c, (len(rows), *c.shape)))
+        order = np.argsort(everything, axis=1, kind="stable")[:, :n_nearest]
+        ids[rows] = order
+        exact[rows] = np.take_along_axis(everything, order, axis=1)
+    return ids, exact.astype(np.float32)

@@ -10,33 +10,39 @@ k-means is greedy k-means++ seeding as Vo et al. (`seeding`) followed by Lloyd i
 cluster is split into `n_split` smaller ones (their `n_splits`), which is how a pool of
 hundreds of millions gets millions of first-level clusters.
 
-For pools that do not fit one machine, level 1 trains on `train_sample` points and every full
-assignment goes through `assign_all`, which a SLURM array can implement with `assign_slice`
-on row slices and `merge_assignment_slices`.
+The fit is data-parallel over the ranks of a process group (torchrun, a multi-task SLURM job; a
+single process is a world of one): every rank reads its own contiguous blocks of rows, memory-
+mapped, and the ranks exchange only what they must (`seeding`, `lloyd`, `collective`); the upper
+levels, whose items are the centroids below, are shared out the same way. The first level can
+fit on all points; `train_sample` fits its first k-means on a sample instead (resampling steps
+and assignments still see every point). For the same seed and data, any number of ranks gives
+the same tree. With a checkpoint folder each finished level is written there, so a killed job
+resumes at the first unfinished level, on any number of ranks. `assign_slice` and
+`merge_assignment_slices` assign rows in independent slices (a SLURM array).
 """
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from dinoscale.curation.collective import Comm, block_range, block_uniforms, smallest_in_groups
 from dinoscale.curation.config import KMeansConfig
 from dinoscale.curation.faiss_utils import check_embeddings, nearest_centroid
 from dinoscale.curation.lloyd import lloyd
+from dinoscale.curation.points import Points
 from dinoscale.curation.seeding import seed_rows
+from dinoscale.curation.store import data_fingerprint
 from dinoscale.errors import ConfigError, DataError
 from dinoscale.utils.io import atomic_dir, save_npy
 from dinoscale.utils.logging import get_logger, progress
 from dinoscale.utils.stages import MARKER, is_done, mark_done
 
 log = get_logger(__name__)
-
-AssignFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -62,9 +68,10 @@ class ClusterTree:
     def n_points(self) -> int:
         return len(self.levels[0].assignment)
 
-    def point_clusters(self) -> np.ndarray:
-        """(n_points, n_levels) int64: the cluster of each original point at every level."""
-        labels = [self.levels[0].assignment]
+    def point_clusters(self, rows: range | None = None) -> np.ndarray:
+        """(n_points, n_levels) int64: the cluster of each original point (of `rows` only, if given) at
+        every level."""
+        labels = [np.asarray(self.levels[0].assignment if rows is None else self.levels[0].assignment[rows.start:rows.stop])]
         for level in self.levels[1:]:
             labels.append(level.assignment[labels[-1]])
         return np.stack(labels, axis=1)
@@ -113,115 +120,164 @@ def merge_assignment_slices(parts: Sequence[tuple[int, np.ndarray, np.ndarray]],
     return assignment, distances
 
 
-def fit_hierarchical_kmeans(x: np.ndarray, cfg: KMeansConfig, checkpoint_dir: str | Path | None = None, seed: int = 0,
-                            assign_all: AssignFn | None = None) -> ClusterTree:
-    """Fit the tree on the rows of `x` (an (N, D) array, memory-mapped is fine).
+def fit_hierarchical_kmeans(x: Any, cfg: KMeansConfig, checkpoint_dir: str | Path | None = None, seed: int = 0
+                            ) -> ClusterTree:
+    """Fit the tree on the rows of `x` (an (N, D) array-like: a memory map or a row store is read
+    block by block, never whole), on every rank of the process group; returns the whole tree.
 
-    `cfg` is a `KMeansConfig`. With `checkpoint_dir`, each finished level is written there
+    With `checkpoint_dir` (which every rank must see), each finished level is written there
     atomically and a re-run with the same data, config and seed loads it instead of refitting.
-    `assign_all(centroids) -> (assignment, squared distances)` over all N points replaces the
-    in-process chunked assignment of level 1 (e.g. by a SLURM array over `assign_slice`).
     """
     check_embeddings(x, "embeddings")
     _check_config(cfg, x.shape[0])
-    assign_points = assign_all or (lambda centroids: nearest_centroid(x, centroids))
-    fingerprint = _data_fingerprint(x)
+    comm = Comm.current()
+    fingerprint = data_fingerprint(x)
+    comm.check_same({"rows": x.shape[0], "dim": x.shape[1], "data": fingerprint, "seed": seed,
+                     "config": _plain_config(cfg)}, "k-means input",
+                    "every rank must read the same embeddings, from a file system they all share, with the same "
+                    "config and seed")
+    points = Points.of(x, comm)
     levels: list[ClusterLevel] = []
     for i in range(len(cfg.n_clusters)):
         key = _level_key(cfg, i, seed, fingerprint)
         level_dir = Path(checkpoint_dir) / f"level_{i}" if checkpoint_dir is not None else None
-        if level_dir is not None and is_done(level_dir, key):
+        if level_dir is not None and comm.broadcast(is_done(level_dir, key)):
             log.info("k-means level %d: loaded from %s", i + 1, level_dir)
             levels.append(_load_level(level_dir))
             continue
         rng = np.random.default_rng((seed, i))
-        if i == 0:
-            items, assign_items = x, assign_points
-        else:
-            items = levels[-1].centroids
-            assign_items = lambda centroids, items=items: nearest_centroid(items, centroids)  # noqa: E731
-        level = _fit_level(items, assign_items, cfg, i, rng)
+        items = points if i == 0 else Points.of(levels[-1].centroids, comm)
+        centroids, assignment, distances = _fit_level(items, cfg, i, rng)
         if i == 0 and cfg.n_split > 1:
-            level = _split_clusters(x, level, cfg, rng)
-        level = _drop_empty_clusters(level)
+            centroids, assignment, distances = _split_clusters(items, centroids, assignment, cfg, seed)
+        level = _drop_empty_clusters(ClusterLevel(centroids, comm.concat(assignment), comm.concat(distances)))
         log.info("k-means level %d: %d clusters of %d items", i + 1, level.n_clusters, len(level.assignment))
         if level_dir is not None:
-            _save_level(level_dir, level, key)
+            if comm.is_main:
+                _save_level(level_dir, level, key)
+            comm.barrier()
         levels.append(level)
-    if checkpoint_dir is not None:
+    if checkpoint_dir is not None and comm.is_main:
         _remove_levels_from(Path(checkpoint_dir), len(levels))
+    comm.barrier()
     return ClusterTree(levels)
 
 
 # ----------------------------------------------------------------------------- one level
-def _fit_level(items: np.ndarray, assign_items: AssignFn, cfg: KMeansConfig, i: int, rng: np.random.Generator) -> ClusterLevel:
-    n_items = items.shape[0]
-    k = min(cfg.n_clusters[i], n_items)
+def _fit_level(items: Points, cfg: KMeansConfig, i: int, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centroids of level i, and this rank's items' assignment and squared distances to them."""
+    k = min(cfg.n_clusters[i], items.n)
     if k < cfg.n_clusters[i]:
-        log.warning("k-means level %d: %d clusters asked for %d items; using %d", i + 1, cfg.n_clusters[i], n_items, k)
-    train_rows = np.arange(n_items)
-    if i == 0 and cfg.train_sample is not None and cfg.train_sample < n_items:
-        train_rows = np.sort(rng.choice(n_items, size=cfg.train_sample, replace=False))
-    centroids = _kmeans(items[train_rows], k, cfg, rng)
-    assignment, distances = assign_items(centroids)
+        log.warning("k-means level %d: %d clusters asked for %d items; using %d", i + 1, cfg.n_clusters[i], items.n, k)
+    train = items
+    if i == 0 and cfg.train_sample is not None and cfg.train_sample < items.n:
+        train = items.take(np.sort(rng.choice(items.n, size=cfg.train_sample, replace=False)))
+    centroids = _kmeans(train, k, cfg, rng)
+    assignment, distances = assign_points(items, centroids)
     sample_size = cfg.sample_size[i]
     steps = cfg.n_resampling_steps[i] if sample_size > 1 else 0
     for _ in progress(range(steps), desc=f"k-means level {i + 1} resampling", total=steps):
-        picked = _resampling_picks(assignment, distances, sample_size, cfg.resampling_strategy, rng)
-        centroids = _kmeans(items[picked], k, cfg, rng)
-        assignment, distances = assign_items(centroids)
-    return ClusterLevel(centroids, assignment, distances)
+        picked = _resampling_picks(items, assignment, distances, sample_size, cfg.resampling_strategy, rng)
+        centroids = _kmeans(items.select(picked), k, cfg, rng)
+        assignment, distances = assign_points(items, centroids)
+    return centroids, assignment, distances
 
 
-def _kmeans(points: np.ndarray, k: int, cfg: KMeansConfig, rng: np.random.Generator) -> np.ndarray:
-    """Seeded Lloyd k-means on all of `points`; centroids in `cfg.dtype`."""
-    points = np.ascontiguousarray(points, dtype=np.float32)
-    k = min(k, points.shape[0])
+def assign_points(points: Points, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid and squared distance of each of this rank's points, block by block."""
+    assignment = np.empty(points.n_local, dtype=np.int64)
+    distances = np.empty(points.n_local, dtype=np.float32)
+    for where, rows in points.read_blocks():
+        assignment[where], distances[where] = nearest_centroid(rows, centroids)
+    return assignment, distances
+
+
+def _kmeans(points: Points, k: int, cfg: KMeansConfig, rng: np.random.Generator) -> np.ndarray:
+    """Seeded Lloyd k-means on all of `points`; centroids in `cfg.dtype`. Points that one rank holds
+    alone (at most one block) are fitted by that rank alone, which sends the others the centroids and
+    its generator's state: the same fit, without an exchange per step."""
+    holders = np.flatnonzero(points.blocks_per_rank())
+    if points.comm.world > 1 and len(holders) == 1:
+        centroids = None
+        if points.comm.rank == holders[0]:
+            alone = Points(points.source, points.n, points.dim, points.rows, points.first, Comm())
+            centroids = _kmeans(alone, k, cfg, rng)
+        centroids, state = points.comm.broadcast((centroids, rng.bit_generator.state), src=int(holders[0]))
+        rng.bit_generator.state = state
+        return centroids
+    k = min(k, points.n)
     if cfg.init == "kmeans++":
         seeds = seed_rows(points, k, rng, cfg.seeding_points_per_cluster)
     else:
-        seeds = np.sort(rng.choice(len(points), size=k, replace=False))
-    return lloyd(points, points[seeds], cfg.n_iter, cfg.lloyd_precision).astype(cfg.dtype)
+        seeds = np.sort(rng.choice(points.n, size=k, replace=False))
+    return lloyd(points, points.gather(seeds), cfg.n_iter, cfg.lloyd_precision).astype(cfg.dtype)
 
 
-def _resampling_picks(assignment: np.ndarray, distances: np.ndarray, sample_size: int, strategy: str,
-                      rng: np.random.Generator) -> np.ndarray:
-    """Indices of up to `sample_size` items per cluster: the closest to the centroid, or random ones."""
-    rank_key = distances if strategy == "closest" else rng.random(len(assignment))
-    order = np.lexsort((rank_key, assignment))
-    rank = rank_within_groups(assignment[order])
-    return np.sort(order[rank < sample_size])
+def _resampling_picks(items: Points, assignment: np.ndarray, distances: np.ndarray, sample_size: int,
+                      strategy: str, rng: np.random.Generator) -> np.ndarray:
+    """Which of this rank's items are among the `sample_size` of their cluster closest to its
+    centroid (or with the smallest random keys), over all ranks; ties go to the smaller index."""
+    rank_key = distances if strategy == "closest" else block_uniforms(items.rows, int(rng.integers(2 ** 63)))
+    n_clusters = int(items.comm.max(np.array([assignment.max(initial=-1)]))[0]) + 1
+    quota = np.full(n_clusters, sample_size, dtype=np.int64)
+    return smallest_in_groups(assignment, rank_key, quota, items.rows.start, items.comm)
 
 
-def rank_within_groups(sorted_groups: np.ndarray) -> np.ndarray:
-    """For a sorted array of group ids: the position of each element inside its group."""
-    if len(sorted_groups) == 0:
-        return np.zeros(0, dtype=np.int64)
-    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
-    sizes = np.diff(np.r_[starts, len(sorted_groups)])
-    return np.arange(len(sorted_groups)) - np.repeat(starts, sizes)
+def _split_clusters(points: Points, centroids: np.ndarray, assignment: np.ndarray, cfg: KMeansConfig, seed: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Replace each cluster by up to `cfg.n_split` sub-clusters found by k-means on its own points.
 
+    Clusters are dealt out to ranks in contiguous ranges of ids; their points travel to the rank
+    of their cluster, which fits each one alone (seeded by the cluster's id, so on any world size)
+    and sends each point its sub-cluster back. Returns the sub-centroids (cluster by cluster) and
+    this rank's points' sub-cluster and squared distance."""
+    comm, n_clusters = points.comm, len(centroids)
+    positions = np.arange(points.rows.start, points.rows.stop)
+    order = np.lexsort((positions, assignment))
+    owner_of_cluster = np.searchsorted([block_range(n_clusters, r, comm.world, 1).stop for r in range(comm.world)],
+                                       assignment[order], side="right")
+    cuts = np.searchsorted(owner_of_cluster, np.arange(1, comm.world))
+    rows = points.local()[order]
+    labels = np.stack([assignment[order], positions[order]], axis=1)
+    members = np.concatenate(comm.exchange(np.split(rows, cuts)))
+    member_labels = np.concatenate(comm.exchange(np.split(labels, cuts)))
+    by_cluster = np.argsort(member_labels[:, 0], kind="stable")  # senders sent by position, in rank order
+    members, member_labels = members[by_cluster], member_labels[by_cluster]
 
-def _split_clusters(x: np.ndarray, level: ClusterLevel, cfg: KMeansConfig, rng: np.random.Generator) -> ClusterLevel:
-    """Replace each cluster by up to `cfg.n_split` sub-clusters found by k-means on its own points."""
-    order = np.argsort(level.assignment, kind="stable")
-    bounds = np.searchsorted(level.assignment[order], np.arange(level.n_clusters + 1))
-    assignment = np.empty_like(level.assignment)
-    distances = np.empty_like(level.distances)
-    centroids = []
-    n_done = 0
-    for c in progress(range(level.n_clusters), desc="splitting level-1 clusters", total=level.n_clusters):
-        members = order[bounds[c]:bounds[c + 1]]
-        if len(members) == 0:
+    sub_centroids, sub_assignment, sub_distances, n_subs = [], [], [], []
+    mine = block_range(n_clusters, comm.rank, comm.world, 1)
+    bounds = np.searchsorted(member_labels[:, 0], np.arange(mine.start, mine.stop + 1))
+    for c, lo, hi in progress(zip(mine, bounds[:-1], bounds[1:]), "splitting level-1 clusters", total=len(mine)):
+        if hi == lo:
+            n_subs.append(0)
             continue
-        points = np.ascontiguousarray(x[members], dtype=np.float32)
-        sub_centroids = _kmeans(points, cfg.n_split, cfg, rng)
-        sub_assignment, sub_distances = nearest_centroid(points, sub_centroids)
-        assignment[members] = n_done + sub_assignment
-        distances[members] = sub_distances
-        centroids.append(sub_centroids)
-        n_done += len(sub_centroids)
-    return ClusterLevel(np.concatenate(centroids), assignment, distances)
+        cluster = Points.of(members[lo:hi], Comm())
+        found = _kmeans(cluster, cfg.n_split, cfg, np.random.default_rng((seed, 0, c)))
+        ids, distances = nearest_centroid(members[lo:hi], found)
+        sub_centroids.append(found)
+        sub_assignment.append(ids)
+        sub_distances.append(distances)
+        n_subs.append(len(found))
+    first_sub = np.concatenate([[0], np.cumsum(comm.concat(np.array(n_subs, dtype=np.int64)))])
+    offsets = np.repeat(first_sub[mine.start:mine.stop], np.diff(bounds))
+    local_ids = np.concatenate([np.zeros(0, dtype=np.int64), *sub_assignment]) + offsets
+    all_centroids = comm.concat(np.concatenate([np.zeros((0, points.dim), dtype=cfg.dtype), *sub_centroids]))
+
+    # back to the ranks that own the points
+    owner_of_point = np.searchsorted([block_range(points.n, r, comm.world).stop for r in range(comm.world)],
+                                     member_labels[:, 1], side="right")
+    back = np.argsort(owner_of_point, kind="stable")
+    cuts = np.searchsorted(owner_of_point[back], np.arange(1, comm.world))
+    answer = np.stack([member_labels[back, 1], local_ids[back]], axis=1)
+    distances = np.concatenate([np.zeros(0, dtype=np.float32), *sub_distances])[back]
+    answer = np.concatenate(comm.exchange(np.split(answer, cuts)))
+    distances = np.concatenate(comm.exchange(np.split(distances, cuts)))
+    new_assignment = np.empty(points.n_local, dtype=np.int64)
+    new_distances = np.empty(points.n_local, dtype=np.float32)
+    new_assignment[answer[:, 0] - points.rows.start] = answer[:, 1]
+    new_distances[answer[:, 0] - points.rows.start] = distances
+    return all_centroids, new_assignment, new_distances
 
 
 def _drop_empty_clusters(level: ClusterLevel) -> ClusterLevel:
@@ -267,14 +323,6 @@ def _level_key(cfg: KMeansConfig, i: int, seed: int, fingerprint: str) -> dict:
     for name in ("n_clusters", "n_resampling_steps", "sample_size"):
         plain[name] = plain[name][:i + 1]
     return {"config": plain, "seed": seed, "data": fingerprint}
-
-
-def _data_fingerprint(x: np.ndarray) -> str:
-    """Shape, dtype and the bytes of up to 64 evenly spaced rows: cheap even on a memory map."""
-    rows = np.unique(np.linspace(0, x.shape[0] - 1, num=min(64, x.shape[0])).astype(np.int64))
-    digest = hashlib.sha256(f"{x.shape}{x.dtype}".encode())
-    digest.update(np.ascontiguousarray(x[rows]).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _save_level(level_dir: Path, level: ClusterLevel, key: dict) -> None:

@@ -16,94 +16,103 @@ bf16 and faiss has no GPU): one bf16 GEMM and a max per chunk instead of faiss's
 points that are almost equally close to two centroids to either one, which moves the means by a
 fraction of those points' share; the callers' final assignments stay float32.
 
-Centroid means are accumulated in float64. A cluster that empties keeps its centroid (as in Vo
-et al.'s implementation; faiss would split a big cluster instead). Iterations stop early at a
-fixed point, where more of them would change nothing.
+The points may be spread over ranks (`points.Points`): each rank assigns its own blocks, and the
+cluster sums are added up over ranks. They are exact integers, each coordinate scaled by one
+power of two for the whole fit (chosen from the largest coordinate and the number of points so
+that no sum can overflow an int64, about 2^-40 resolution for unit vectors) and rounded, so their
+sum over ranks is the same in any order and the means (taken in float64) do not depend on the
+world size. The bf16 searches run block by block, so each block's GEMMs have the same shapes on
+any world size; the float32 searches are exact (`faiss_utils.nearest_centroids`). A cluster that
+empties keeps its centroid (as in Vo et al.'s implementation; faiss would split a big cluster
+instead). Iterations stop early at a fixed point, where more of them would change nothing.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from dinoscale.curation.faiss_utils import DEFAULT_CHUNK_ROWS, gpu_available, nearest_centroid, nearest_centroids
+from dinoscale.curation.faiss_utils import gpu_available, nearest_centroid, nearest_centroids, squared_distances
+from dinoscale.curation.points import ClusterSums, Points, as_points
 from dinoscale.utils.device import autocast_dtype
 
 BOUNDED_SEARCH_LIMIT = 0.9
 BOUNDS_MAX_DIM = 64
-MEANS_CHUNK_ROWS = 2048  # the float64 copy of a chunk stays in cache (larger chunks sum slower)
 BF16_SEARCH_CHUNK_ROWS = 4096  # a chunk's (rows, centroids) scores stay in cache
 
+Search = Callable[[np.ndarray], tuple[np.ndarray, "ClusterSums"]]
 
-def lloyd(points: np.ndarray, centroids: np.ndarray, n_iter: int, search_precision: str = "float32") -> np.ndarray:
+
+def lloyd(points: Any, centroids: np.ndarray, n_iter: int, search_precision: str = "float32") -> np.ndarray:
     """`n_iter` rounds of (assign every point to its nearest centroid, move each centroid to the
     mean of its points) from `centroids`; returns the float64 centroids after the last move.
+    `points` is an (N, D) array or a `Points` spread over ranks (then every rank returns the same).
     `search_precision`: "float32" (exact), or "bfloat16" for the plain searches above
     BOUNDS_MAX_DIM dimensions where bf16 is native (see the module docstring)."""
-    x = np.ascontiguousarray(points, dtype=np.float32)
+    points = as_points(points)
     c = np.array(centroids, dtype=np.float64)
     if len(c) == 1:
-        return cluster_means(x, np.zeros(len(x), dtype=np.int64), c)
-    if x.shape[1] > BOUNDS_MAX_DIM:
-        search = _nearest_centroid_search(x, search_precision)
-        return _plain_lloyd(x, c, n_iter, search, search(c))
+        return cluster_means(points, np.zeros(points.n_local, dtype=np.int64), c)
+    if points.dim > BOUNDS_MAX_DIM:
+        search = _nearest_centroid_search(points, search_precision)
+        return _plain_lloyd(points, c, n_iter, search)
+    x = points.local()
     assignment, upper, lower = _two_nearest(x, c)
     for iteration in range(n_iter):
-        moved = cluster_means(x, assignment, c)
+        moved = cluster_means(points, assignment, c, x)
         shift = np.sqrt(((moved - c) ** 2).sum(axis=1))
         c = moved
         if iteration == n_iter - 1 or not shift.any():
             break
         upper += shift[assignment]
         lower -= _largest_other_shift(shift, assignment)
-        c32 = c.astype(np.float32)
-        half_gap = 0.5 * np.sqrt(nearest_centroids(c32, c32, 2)[1][:, 1].astype(np.float64))
+        half_gap = 0.5 * np.sqrt(nearest_centroids(c, c, 2)[1][:, 1].astype(np.float64))
         bound = np.maximum(lower, half_gap[assignment])
         unsure = np.flatnonzero(upper > bound)
-        upper[unsure] = _distances_to_own(x, c32, assignment, unsure)
+        upper[unsure] = np.sqrt(squared_distances(x[unsure].astype(np.float64), c[assignment[unsure], None])[:, 0])
         unsure = unsure[upper[unsure] > bound[unsure]]
         if len(unsure):
-            assignment[unsure], upper[unsure], lower[unsure] = _two_nearest(x, c, unsure)
-        if len(unsure) > BOUNDED_SEARCH_LIMIT * len(x):  # bounds that hold this seldom cost more than they save
-            return _plain_lloyd(x, c, n_iter - iteration - 1, _nearest_centroid_search(x, "float32"), assignment)
+            assignment[unsure], upper[unsure], lower[unsure] = _two_nearest(x[unsure], c)
+        n_unsure = int(points.comm.sum(np.array([len(unsure)]))[0])
+        if n_unsure > BOUNDED_SEARCH_LIMIT * points.n:  # bounds that hold this seldom cost more than they save
+            return _plain_lloyd(points, c, n_iter - iteration - 1, _nearest_centroid_search(points, "float32"))
     return c
 
 
-def _plain_lloyd(x: np.ndarray, c: np.ndarray, n_iter: int, search: Callable[[np.ndarray], np.ndarray],
-                 assignment: np.ndarray) -> np.ndarray:
-    """`n_iter` rounds of Lloyd from `assignment`, the nearest centroid of each point among `c`;
-    `search(centroids)` finds the nearest centroid of every point."""
+def _plain_lloyd(points: Points, c: np.ndarray, n_iter: int, search: Search) -> np.ndarray:
+    """`n_iter` rounds of Lloyd from `c`; `search(centroids)` assigns this rank's points and sums
+    them per cluster in the same pass."""
+    _, sums = search(c)
     for iteration in range(n_iter):
-        moved = cluster_means(x, assignment, c)
+        moved = sums.means(c)
         settled = np.array_equal(moved, c)
         c = moved
         if iteration == n_iter - 1 or settled:
             break
-        assignment = search(c)
+        _, sums = search(c)
     return c
 
 
-def cluster_means(points: np.ndarray, assignment: np.ndarray, fallback: np.ndarray,
-                  chunk_rows: int = MEANS_CHUNK_ROWS) -> np.ndarray:
-    """Mean of each cluster's points, accumulated in float64; empty clusters keep `fallback`."""
-    sums = torch.zeros(fallback.shape, dtype=torch.float64)
-    for lo in range(0, len(points), chunk_rows):
-        chunk = torch.from_numpy(np.asarray(points[lo:lo + chunk_rows], dtype=np.float64))
-        sums.index_add_(0, torch.from_numpy(assignment[lo:lo + chunk_rows]), chunk)
-    counts = np.bincount(assignment, minlength=len(fallback))
-    means = np.array(fallback, dtype=np.float64)
-    filled = counts > 0
-    means[filled] = sums.numpy()[filled] / counts[filled, None]
-    return means
+def cluster_means(points: Any, assignment: np.ndarray, fallback: np.ndarray, local: np.ndarray | None = None
+                  ) -> np.ndarray:
+    """Mean of each cluster's points over all ranks, from this rank's `assignment` of its points
+    (`local`: those points, when already read); empty clusters keep `fallback`."""
+    points = as_points(points)
+    sums = ClusterSums(points, len(fallback))
+    if local is not None:
+        sums.add(local, assignment)
+    else:
+        for where, rows in points.read_blocks():
+            sums.add(rows, assignment[where])
+    return sums.means(fallback)
 
 
-def _two_nearest(x: np.ndarray, c: np.ndarray, rows: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Nearest centroid of `rows`, the distance to it and to the second nearest (float64)."""
-    ids, squared = nearest_centroids(x, c.astype(np.float32), 2, rows)
-    distances = np.sqrt(np.maximum(squared.astype(np.float64), 0))
+def _two_nearest(x: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest centroid of each row, the distance to it and to the second nearest (float64)."""
+    ids, squared = nearest_centroids(x, c, 2)
+    distances = np.sqrt(squared.astype(np.float64))
     return ids[:, 0], distances[:, 0], distances[:, 1]
 
 
@@ -113,24 +122,22 @@ def _largest_other_shift(shift: np.ndarray, assignment: np.ndarray) -> np.ndarra
     return np.where(assignment == first, shift[second], shift[first])
 
 
-def _distances_to_own(x: np.ndarray, c: np.ndarray, assignment: np.ndarray, rows: np.ndarray,
-                      chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarray:
-    """Distance of each of `rows` to its own centroid."""
-    points, centroids = torch.from_numpy(x), torch.from_numpy(c)
-    out = np.empty(len(rows))
-    for lo in range(0, len(rows), chunk_rows):
-        part = torch.from_numpy(rows[lo:lo + chunk_rows])
-        out[lo:lo + len(part)] = (points[part] - centroids[torch.from_numpy(assignment)[part]]).norm(dim=1).numpy()
-    return out
-
-
-def _nearest_centroid_search(x: np.ndarray, precision: str) -> Callable[[np.ndarray], np.ndarray]:
-    """`search(centroids)`: the nearest centroid of every point."""
+def _nearest_centroid_search(points: Points, precision: str) -> Search:
+    """`search(centroids)`: the nearest centroid of each of this rank's points, and their cluster sums."""
     if precision not in ("float32", "bfloat16"):
         raise ValueError(f"search precision {precision!r} is unknown; choose float32 or bfloat16")
     if precision == "bfloat16" and not gpu_available() and autocast_dtype(torch.device("cpu")) == torch.bfloat16:
-        return _Bf16NearestCentroid(x)
-    return lambda c: nearest_centroid(x, c.astype(np.float32))[0]
+        return _Bf16NearestCentroid(points).assign_and_sum
+
+    def exact(centroids: np.ndarray) -> tuple[np.ndarray, ClusterSums]:
+        assignment = np.empty(points.n_local, dtype=np.int64)
+        sums = ClusterSums(points, len(centroids))
+        for where, rows in points.read_blocks():
+            assignment[where] = nearest_centroid(rows, centroids)[0]
+            sums.add(rows, assignment[where])
+        return assignment, sums
+
+    return exact
 
 
 class _Bf16NearestCentroid:
@@ -140,28 +147,42 @@ class _Bf16NearestCentroid:
     result's size; with r the point's score against its centroid of the previous search, the
     results that compete for the maximum are close to 0 and keep their precision; only the dot
     products' inputs are rounded then. The first search has r = |x|^2 / 2: its results are
-    -|x - c_j|^2 / 2, rounded relative to the squared distances."""
+    -|x - c_j|^2 / 2, rounded relative to the squared distances. GEMMs run per block of rows (and
+    chunks of BF16_SEARCH_CHUNK_ROWS inside it), the same on any world size."""
 
-    def __init__(self, x: np.ndarray):
-        n, d = x.shape
-        self.points = torch.empty(n, d + 3, dtype=torch.bfloat16)
-        self.points[:, :d] = torch.from_numpy(x)
-        self.points[:, d:d + 2] = 1
-        self.reference = torch.from_numpy(x).square().sum(dim=1) / 2
+    def __init__(self, points: Any):
+        self.points = as_points(points)
+        self.reference: torch.Tensor | None = None
 
     def __call__(self, centroids: np.ndarray) -> np.ndarray:
-        c = torch.from_numpy(centroids)
+        return self.assign_and_sum(centroids)[0]
+
+    def assign_and_sum(self, centroids: np.ndarray) -> tuple[np.ndarray, ClusterSums]:
+        c = torch.from_numpy(np.asarray(centroids, dtype=np.float64))
         half_sq_norm = (c * c).sum(dim=1) / 2
         high = half_sq_norm.bfloat16()
         low = (half_sq_norm - high.double()).bfloat16()
         minus_one = torch.full((len(c), 1), -1, dtype=torch.bfloat16)
         weights = torch.cat([c.bfloat16(), -high[:, None], -low[:, None], minus_one], dim=1).T.contiguous()
-        self.points[:, -1] = self.reference
-        reference = self.points[:, -1].float()  # the r the GEMM sees
-        nearest = torch.empty(len(self.points), dtype=torch.int64)
-        for start in range(0, len(self.points), BF16_SEARCH_CHUNK_ROWS):
-            rows = slice(start, start + BF16_SEARCH_CHUNK_ROWS)
-            best = torch.mm(self.points[rows], weights).max(dim=1)
-            nearest[rows] = best.indices
-            self.reference[rows] = best.values.float() + reference[rows]
-        return nearest.numpy()
+        first_search = self.reference is None
+        if first_search:
+            self.reference = torch.empty(self.points.n_local)
+        nearest = torch.empty(self.points.n_local, dtype=torch.int64)
+        sums = ClusterSums(self.points, len(c))
+        d = self.points.dim
+        for where, rows in self.points.read_blocks():
+            x = torch.from_numpy(rows)
+            if first_search:
+                self.reference[where] = x.square().sum(dim=1) / 2
+            augmented = torch.empty(len(x), d + 3, dtype=torch.bfloat16)
+            augmented[:, :d] = x
+            augmented[:, d:d + 2] = 1
+            augmented[:, -1] = self.reference[where]
+            reference = augmented[:, -1].float()  # the r the GEMM sees
+            for start in range(0, len(x), BF16_SEARCH_CHUNK_ROWS):
+                chunk = slice(start, start + BF16_SEARCH_CHUNK_ROWS)
+                best = torch.mm(augmented[chunk], weights).max(dim=1)
+                nearest[where][chunk] = best.indices
+                self.reference[where][chunk] = best.values.float() + reference[chunk]
+            sums.add(rows, nearest[where].numpy())
+        return nearest.numpy(), sums

@@ -14,10 +14,16 @@ block boundaries (embedding batches, assignment blocks, whole shards), so the me
 byte-identical to a single-process run whatever n is. `run_stage(cfg, name)` without a slice
 merges a complete set of slices already on disk, or runs the stage as one slice.
 
-The k-means tree is fitted in one process on the dedup survivors, or on `kmeans.train_sample`
-of them (then its resampling steps also see only the sample); the `assign` stage then puts
-every survivor in its nearest first-level cluster, in parallel. Sampling, retrieval (when
-`retrieval.seed_sets` are given) and the shards use that full assignment.
+The embed stage's slices stay where they were written: merging lists them as one row store
+(`store`), which the later stages read through memory maps, each rank its own rows.
+
+`dedup`, `kmeans` and `sample` are collective: under torchrun or a multi-task SLURM job
+(`launch.curation_ranks`) every rank runs them on its own blocks of rows and exchanges what it
+must, and rank 0 writes the output; the parallel stages then run one slice per rank, merged by
+rank 0, and `report` runs on rank 0. The results are those of a single process. The k-means tree
+is fitted on the dedup survivors (its first k-means on `kmeans.train_sample` of them, if set);
+the `assign` stage then puts every survivor in its nearest first-level cluster, in parallel.
+Sampling, retrieval (when `retrieval.seed_sets` are given) and the shards use that assignment.
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from dinoscale.config import config_hash
 from dinoscale.curation import stages as bodies
-from dinoscale.curation.stages import CurationRun
+from dinoscale.curation.collective import Comm
+from dinoscale.curation.dedup import check_threshold
+from dinoscale.curation.launch import curation_ranks
+from dinoscale.curation.stages import CurationRun, dedup_embedder
 from dinoscale.errors import ConfigError, DataError
 from dinoscale.utils.io import atomic_dir
 from dinoscale.utils.logging import get_logger
@@ -41,7 +50,7 @@ from dinoscale.utils.stages import is_done, mark_done, read_marker
 
 log = get_logger(__name__)
 
-SLICES = "_slices"
+SLICES = "parts"
 SLICE_NAME = re.compile(r"\d{5}-of-(\d{5})")  # killed writes leave hidden '.NAME.xxx.tmp' folders beside
 
 Slice = tuple[int, int]
@@ -56,6 +65,9 @@ class Stage:
     ignored: knobs of those sections that do not change the output (e.g. worker counts);
     seeded: the key holds the seed; inputs: key entries for what it reads from outside the pipeline;
     run: the body of a one-process stage; run_slice + merge: those of a parallel one;
+    collective: `run` runs on every rank of a process group, each on its own rows, and rank 0
+    writes (a one-process stage that is not collective runs on rank 0 only);
+    keeps_slices: the merged output lists its slices instead of copying them (they stay);
     needs_pool: skipped when `curation.pool` is empty.
     """
 
@@ -67,6 +79,8 @@ class Stage:
     run: Callable[[CurationRun], dict] | None = None
     run_slice: Callable[[CurationRun, int, int, Path], dict] | None = None
     merge: Callable[[CurationRun, list[Path]], dict] | None = None
+    collective: bool = False
+    keeps_slices: bool = False
     needs_pool: bool = False
 
     @property
@@ -76,13 +90,14 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "embed": Stage(config={"embed": "embed"}, ignored=("num_workers",), inputs=bodies.source_inputs,
-                   run_slice=bodies.embed_slice, merge=bodies.embed_merge),
+                   run_slice=bodies.embed_slice, merge=bodies.embed_merge, keeps_slices=True),
     "dedup": Stage(upstream="embed", config={"dedup": "dedup"}, inputs=bodies.reference_inputs,
-                   run=bodies.dedup_stage),
-    "kmeans": Stage(upstream="dedup", config={"kmeans": "kmeans"}, seeded=True, run=bodies.kmeans_stage),
+                   run=bodies.dedup_stage, collective=True),
+    "kmeans": Stage(upstream="dedup", config={"kmeans": "kmeans"}, seeded=True, run=bodies.kmeans_stage,
+                     collective=True),
     "assign": Stage(upstream="kmeans", run_slice=bodies.assign_slice, merge=bodies.assign_merge),
     "sample": Stage(upstream="assign", config={"sampling": "sampling", "retrieval": "retrieval"}, seeded=True,
-                    inputs=bodies.seed_set_inputs, run=bodies.sample_stage),
+                    inputs=bodies.seed_set_inputs, run=bodies.sample_stage, collective=True),
     "shards": Stage(upstream="sample", config={"shards": "shards"}, seeded=True, run_slice=bodies.shards_slice,
                     merge=bodies.shards_merge, needs_pool=True),
     "report": Stage(upstream="sample", config={"examples": "report_examples"}, run=bodies.report_stage),
@@ -109,28 +124,36 @@ def stage_is_done(cfg: DictConfig, name: str) -> bool:
 
 
 def run_stage(cfg: DictConfig, name: str, slice: Slice | None = None) -> dict:
-    """Run one stage (or one slice of a parallel stage) unless it is done; returns its counts."""
+    """Run one stage (or one slice of a parallel stage) unless it is done; returns its counts.
+    On every rank of a process group: see the module docstring."""
     stage = _stage(name)
+    comm = Comm.current()
     if slice is not None and not stage.parallel:
         parallel = ", ".join(n for n, s in STAGES.items() if s.parallel)
         raise ConfigError(f"stage '{name}' runs in one process; only {parallel} take --slice")
+    if slice is not None and comm.world > 1:
+        raise ConfigError(f"--slice runs one slice in one process; under torchrun or a multi-task job the "
+                          f"{comm.world} ranks share stage '{name}' out themselves: drop --slice")
     runner = _Runner(cfg)
     runner.require_upstream(name)
-    if runner.done(name):
+    if comm.broadcast(runner.done(name)):
         log.info("%s: already done, skipping", name)
         return read_marker(runner.dir(name))["counts"]
     if slice is not None:
         return runner.run_slice(name, *_check_slice(slice))
     if stage.parallel:
-        n = runner.complete_slice_count(name) or 1
-        if n == 1:
-            runner.run_slice(name, 0, 1)
-        return merge_stage(cfg, name, n)
+        n = comm.world if comm.world > 1 else runner.complete_slice_count(name) or 1
+        if comm.world > 1 or n == 1:
+            runner.run_slice(name, comm.rank, n)
+        comm.barrier()
+        return comm.broadcast(merge_stage(cfg, name, n) if comm.is_main else None)
     start = time.perf_counter()
-    counts = stage.run(runner.run)
-    mark_done(runner.dir(name), runner.key(name), counts, time.perf_counter() - start)
-    log.info("%s: done %s", name, counts)
-    return counts
+    counts = stage.run(runner.run) if stage.collective or comm.is_main else None
+    if comm.is_main:
+        mark_done(runner.dir(name), runner.key(name), counts, time.perf_counter() - start)
+        log.info("%s: done %s", name, counts)
+    comm.barrier()
+    return comm.broadcast(counts)
 
 
 def merge_stage(cfg: DictConfig, name: str, n: int) -> dict:
@@ -149,18 +172,22 @@ def merge_stage(cfg: DictConfig, name: str, n: int) -> dict:
     start = time.perf_counter()
     counts = stage.merge(runner.run, slices)
     mark_done(runner.dir(name), runner.key(name), counts, time.perf_counter() - start)
-    shutil.rmtree(runner.dir(name) / SLICES, ignore_errors=True)
+    _remove_stale_slices(runner.dir(name) / SLICES, {d.name for d in slices} if stage.keeps_slices else set())
     log.info("%s: merged %d slices %s", name, n, counts)
     return counts
 
 
 def run_curation(cfg: DictConfig, stage: str | None = None, slice: Slice | None = None) -> dict:
-    """Run every unfinished stage in order, or only `stage` (and only `slice` of it)."""
-    if stage is not None:
-        return {stage: run_stage(cfg, stage, slice)}
-    if slice is not None:
+    """Run every unfinished stage in order, or only `stage` (and only `slice` of it); on every rank
+    when launched as several (torchrun, a multi-task SLURM job)."""
+    if stage is None and slice is not None:
         raise ConfigError("--slice needs --stage: name the parallel stage the slice belongs to")
-    return {name: run_stage(cfg, name) for name in list_stages(cfg)}
+    with curation_ranks(cfg):
+        if stage in (None, "embed", "dedup"):
+            check_threshold(dedup_embedder(cfg.curation.embed)[0], cfg.curation.dedup.threshold)
+        if stage is not None:
+            return {stage: run_stage(cfg, stage, slice)}
+        return {name: run_stage(cfg, name) for name in list_stages(cfg)}
 
 
 def parse_slice(text: str) -> Slice:
@@ -248,6 +275,16 @@ def _stage(name: str) -> Stage:
     if name not in STAGES:
         raise ConfigError(f"unknown curation stage '{name}'; stages: {', '.join(STAGES)}")
     return STAGES[name]
+
+
+def _remove_stale_slices(root: Path, kept: set[str]) -> None:
+    """Remove every slice folder under `root` (and killed writes' leftovers) but those `kept`."""
+    if not kept:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for stale in sorted(root.iterdir()):
+        if stale.name not in kept:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
 
 def _check_slice(slice: Slice) -> Slice:

@@ -1,6 +1,10 @@
-"""The curation report (report.html, self-contained, with report.json and report.md beside it):
-the counts of every stage, cluster-size histograms per level before and after sampling, the
-largest duplicate groups, and example selected images of the largest top-level clusters.
+"""The curation reports (report.html, self-contained, with report.json and report.md beside it).
+
+The dedup stage writes `dedup/report.html`: what was removed and why (exact copies, near copies,
+contamination), the size of the largest group, the largest groups and a random sample of groups as
+pictures, each with its kept image framed green, so a person can look before sampling. The final
+report repeats those sections and adds the counts of every stage, cluster-size histograms per level
+before and after sampling and example selected images of the largest top-level clusters.
 """
 
 from __future__ import annotations
@@ -67,20 +71,43 @@ def write_curation_report(directory: str | Path, pool: ImagePool | None, tree: C
                 Section("Cluster sizes per level",
                         images={"before and after sampling": cluster_size_histograms(tree, selection)})]
     if pool is not None:
-        sections += [_duplicate_section(pool, duplicate_groups, n_examples),
-                     _cluster_section(pool, tree, selection, n_examples)]
+        sections += duplicate_sections(pool, duplicate_groups, counts["dedup"], n_examples)
+        sections.append(_cluster_section(pool, tree, selection, n_examples))
     return write_report(directory, "Curation report", sections, counts)["html"]
 
 
-def _duplicate_section(pool: ImagePool, groups: Sequence[np.ndarray], n_examples: int) -> Section:
+def write_dedup_report(directory: str | Path, pool: ImagePool, groups: Sequence[np.ndarray], counts: dict[str, Any],
+                       n_examples: int, seed: int = 0) -> Path:
+    """Write the dedup stage's removals into `directory`, to look at before sampling; returns the HTML path."""
+    return write_report(directory, "Dedup report", duplicate_sections(pool, groups, counts, n_examples, seed),
+                        counts)["html"]
+
+
+def duplicate_sections(pool: ImagePool, groups: Sequence[np.ndarray], counts: dict[str, Any], n_examples: int,
+                       seed: int = 0) -> list[Section]:
+    """Removed per reason and the largest group; the largest groups and a random sample of groups as pictures."""
+    removed = (f"{counts.get('exact_duplicates', 0)} exact copies, {counts.get('near_duplicates', 0)} near copies and "
+               f"{counts.get('contaminated_items', 0)} images of groups that touch an evaluation set removed; "
+               f"{len(groups)} duplicate groups, the largest of {counts.get('largest_group', 1)} images. Every "
+               "member of a group is a copy of its kept image (framed green).")
     largest = sorted(range(len(groups)), key=lambda g: (-len(groups[g]), int(groups[g][0])))[:n_examples]
+    rng = np.random.default_rng(seed)
+    sample = sorted(rng.choice(len(groups), min(n_examples, len(groups)), replace=False).tolist()) if groups else []
+    return [Section(f"Duplicates: the {len(largest)} largest groups", text=removed,
+                    images=_group_pictures(pool, groups, largest, n_examples)),
+            Section(f"Duplicates: {len(sample)} groups drawn at random",
+                    images=_group_pictures(pool, groups, sample, n_examples))]
+
+
+def _group_pictures(pool: ImagePool, groups: Sequence[np.ndarray], chosen: Sequence[int], n_examples: int
+                    ) -> dict[str, bytes]:
     images = {}
-    for g in largest:
+    for g in chosen:
         members = groups[g][:n_examples]
-        caption = f"group {g}: " + ", ".join(pool.keys[int(i)] for i in members)
+        more = f" and {len(groups[g]) - len(members)} more" if len(groups[g]) > len(members) else ""
+        caption = f"group {g} ({len(groups[g])} images): " + ", ".join(pool.keys[int(i)] for i in members) + more
         images[caption] = thumbnail_row(pool, members, highlight_first=True)
-    return Section(f"Duplicate groups ({len(groups)} found; the {len(largest)} largest, survivor framed green)",
-                   images=images)
+    return images
 
 
 def _cluster_section(pool: ImagePool, tree: ClusterTree, selection: Selection, n_examples: int) -> Section:

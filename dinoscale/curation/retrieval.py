@@ -15,7 +15,7 @@ import numpy as np
 
 from dinoscale.curation.config import RetrievalConfig
 from dinoscale.curation.faiss_utils import check_embeddings, inner_product_index, nearest_centroid, search
-from dinoscale.curation.kmeans import rank_within_groups
+from dinoscale.curation.collective import rank_within_groups
 from dinoscale.errors import ConfigError, DataError
 from dinoscale.utils.logging import get_logger
 

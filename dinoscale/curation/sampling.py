@@ -7,6 +7,11 @@ sum(min(cut, s_i)) <= quota, and the few points still missing go, one each, to c
 at random among those bigger than the cut. Small clusters are thus kept whole and big ones are
 cut down to the same size, at every level. Leaves give random points or the points closest to
 their centroid. Every split of one level is solved at once, vectorised over all clusters.
+
+Under a process group each rank handles its own blocks of points (`collective`): the cluster
+sizes are summed over ranks, every rank solves the same splits with the same random draws, and
+the leaves' picks are found by a distributed selection; random keys are drawn per block. The
+sample is the same on any world size.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dinoscale.curation.collective import Comm, block_uniforms, rank_within_groups, smallest_in_groups
 from dinoscale.curation.config import SamplingConfig
-from dinoscale.curation.kmeans import ClusterTree, rank_within_groups
+from dinoscale.curation.kmeans import ClusterTree
 from dinoscale.errors import ConfigError
 from dinoscale.utils.logging import get_logger
 
@@ -33,12 +39,15 @@ class SampleResult:
 
 
 def hierarchical_sample(tree: ClusterTree, cfg: SamplingConfig, seed: int = 0) -> SampleResult:
-    """Pick `cfg.target_size` points of the tree's pool (a `SamplingConfig`), deterministic in `seed`."""
+    """Pick `cfg.target_size` points of the tree's pool (a `SamplingConfig`), deterministic in `seed`;
+    on every rank of the process group, which each read only their own points of the tree."""
     if cfg.strategy not in ("random", "closest"):
         raise ConfigError(f"curation.sampling.strategy = {cfg.strategy!r}; choose 'random' or 'closest'")
+    comm = Comm.current()
     rng = np.random.default_rng(seed)
-    paths = tree.point_clusters()
-    n_points, n_levels = paths.shape
+    n_points, n_levels = tree.n_points, len(tree.levels)
+    rows = comm.rows(n_points)
+    paths = tree.point_clusters(rows)
     target = cfg.target_size
     copies_per_point = 1
     if target > n_points:
@@ -50,19 +59,25 @@ def hierarchical_sample(tree: ClusterTree, cfg: SamplingConfig, seed: int = 0) -
                         target, n_points)
             target = n_points
 
-    top = n_levels - 1
-    capacity = np.bincount(paths[:, top], minlength=tree.levels[top].n_clusters) * copies_per_point
-    quota = split_quota(capacity, np.zeros(len(capacity), dtype=np.int64), np.array([target]), rng)
-    for level in range(top - 1, -1, -1):
-        parent = tree.levels[level + 1].assignment
-        capacity = np.bincount(paths[:, level], minlength=tree.levels[level].n_clusters) * copies_per_point
-        quota = split_quota(capacity, parent, quota, rng)
+    def sizes(level: int) -> np.ndarray:
+        return comm.sum(np.bincount(paths[:, level], minlength=tree.levels[level].n_clusters))
 
-    leaf = paths[:, 0]
-    rank_key = tree.levels[0].distances if cfg.strategy == "closest" else rng.random(n_points)
-    copies = _copies_per_point(leaf, rank_key, quota)
-    indices = np.repeat(np.arange(n_points), copies)
-    return SampleResult(indices, paths[indices])
+    top = n_levels - 1
+    quota = split_quota(sizes(top) * copies_per_point, np.zeros(tree.levels[top].n_clusters, dtype=np.int64),
+                        np.array([target]), rng)
+    for level in range(top - 1, -1, -1):
+        quota = split_quota(sizes(level) * copies_per_point, tree.levels[level + 1].assignment, quota, rng)
+
+    leaf, leaf_size = paths[:, 0], sizes(0)
+    if cfg.strategy == "closest":
+        rank_key = np.asarray(tree.levels[0].distances[rows.start:rows.stop])
+    else:
+        rank_key = block_uniforms(rows, int(rng.integers(2 ** 63)))
+    # a leaf of s points with quota q gives every point q // s copies, and one more to the q % s ranked first
+    extra = smallest_in_groups(leaf, rank_key, quota % np.maximum(leaf_size, 1), rows.start, comm)
+    copies = quota[leaf] // np.maximum(leaf_size[leaf], 1) + extra
+    local = np.repeat(np.arange(rows.start, rows.stop), copies)
+    return SampleResult(comm.concat(local), comm.concat(paths[local - rows.start]))
 
 
 def largest_cut(capacity: np.ndarray, group: np.ndarray, group_target: np.ndarray) -> np.ndarray:
@@ -101,16 +116,3 @@ def split_quota(capacity: np.ndarray, group: np.ndarray, group_target: np.ndarra
     rank = rank_within_groups(group[order])
     quota[order[rank < missing[group[order]]]] += 1
     return quota
-
-
-def _copies_per_point(leaf: np.ndarray, rank_key: np.ndarray, leaf_quota: np.ndarray) -> np.ndarray:
-    """A leaf of s points with quota q gives every point q // s copies and one more to the
-    q % s points ranked first by `rank_key` (distance to the centroid, or a random key)."""
-    order = np.lexsort((rank_key, leaf))
-    sizes = np.bincount(leaf, minlength=len(leaf_quota))
-    rank = rank_within_groups(leaf[order])
-    q, s = leaf_quota[leaf[order]], sizes[leaf[order]]
-    copies = np.empty(len(leaf), dtype=np.int64)
-    copies[order] = q // s + (rank < q % s)
-    return copies
-

@@ -15,17 +15,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dinoscale.config import config_hash
 from dinoscale.curation import embed as embedding
+from dinoscale.curation.collective import Comm, block_range
 from dinoscale.curation.dedup import DedupResult, deduplicate, load_dedup_result, save_dedup_result
 from dinoscale.curation.kmeans import ClusterLevel, ClusterTree, fit_hierarchical_kmeans, merge_assignment_slices
 from dinoscale.curation.kmeans import assign_slice as assign_block
-from dinoscale.curation.report import write_curation_report
+from dinoscale.curation.report import write_curation_report, write_dedup_report
 from dinoscale.curation.retrieval import retrieval_curation
 from dinoscale.curation.sampling import hierarchical_sample
 from dinoscale.curation.shards import Selection, write_manifest, write_shard_slice
+from dinoscale.curation.store import RowStore, RowSubset
 from dinoscale.data.pool import ImagePool, open_pool
 from dinoscale.errors import ConfigError, DataError
 from dinoscale.utils.io import atomic_dir, read_json, save_npy, write_json
@@ -59,18 +61,22 @@ class CurationRun:
         return self.pool
 
     # ------------------------------------------------------------------ outputs of earlier stages
-    def embeddings(self) -> np.ndarray:
-        return np.load(self.dir("embed") / "embeddings.npy", mmap_mode="r")
+    def embedded(self, name: str = embedding.MAIN) -> RowStore:
+        """Array `name` of the embed stage's row store (read through memory maps, row by row)."""
+        return RowStore.open(self.dir("embed"), name)
+
+    def embeddings(self) -> RowStore:
+        return self.embedded(embedding.MAIN)
 
     def candidates(self) -> np.ndarray:
         """Pool indices that survive dedup (sorted)."""
         return np.load(self.dir("dedup") / "candidates.npy")
 
     def tree(self) -> ClusterTree:
-        """The fitted tree with its first level assigned over every candidate."""
+        """The fitted tree with its first level assigned over every candidate (memory-mapped)."""
         fitted = ClusterTree.load(self.dir("kmeans") / "levels")
-        first = ClusterLevel(fitted.levels[0].centroids, np.load(self.dir("assign") / "assignment.npy"),
-                             np.load(self.dir("assign") / "distances.npy"))
+        first = ClusterLevel(fitted.levels[0].centroids, np.load(self.dir("assign") / "assignment.npy", mmap_mode="r"),
+                             np.load(self.dir("assign") / "distances.npy", mmap_mode="r"))
         return ClusterTree([first, *fitted.levels[1:]])
 
     def selection(self) -> Selection:
@@ -131,14 +137,15 @@ def embed_slice(run: CurationRun, i: int, n: int, out: Path) -> dict:
         n_items = embedding.load_embeddings_file(cur.embeddings_file, None).shape[0]
     rows = embedding.embed_slice_range(n_items, cur.batch_size, i, n)
     embedders = embedding.pool_embedders(cur) if run.pool is not None else {}
-    result = embedding.embed_slice(run.pool, rows, embedders, cur.embeddings_file, cur.batch_size, cur.num_workers)
+    result = embedding.embed_slice(run.pool, rows, embedders, cur.embeddings_file, cur.batch_size, cur.num_workers,
+                                   cur.dtype)
     embedding.save_slice(out, result)
     return {"start": rows.start, "items": len(rows), "valid": int(result.arrays["valid"].sum()),
             "skipped": result.skipped}
 
 
 def embed_merge(run: CurationRun, slices: list[Path]) -> dict:
-    counts = embedding.merge_slices(slices, run.dir("embed"))
+    counts = embedding.list_slices(slices, run.dir("embed"))
     skipped: dict[str, int] = {}
     for d in slices:
         for reason, k in read_marker(d)["counts"]["skipped"].items():
@@ -155,26 +162,47 @@ def dedup_embedder(cur: DictConfig) -> tuple[str, int]:
 
 
 def dedup_stage(run: CurationRun) -> dict:
-    directory = run.dir("embed")
-    copy_file = directory / f"{embedding.COPY}.npy"
-    x = np.load(copy_file, mmap_mode="r") if copy_file.exists() else run.embeddings()
-    valid = np.load(directory / "valid.npy")
-    hashes = None
-    if run.pool is not None:
-        hashes = np.load(directory / "content_hashes.npy")
-        # unreadable files must not be grouped by their (often equal, e.g. empty) bytes
-        hashes[~valid] = [f"unreadable-{i}".encode() for i in np.flatnonzero(~valid)]
+    x = run.embedded(embedding.COPY) if (run.dir("embed") / _first_part(run) / f"{embedding.COPY}.npy").exists() \
+        else run.embeddings()
+    valid = np.asarray(run.embedded("valid"))
+    hashes = _ReadableHashes(run.embedded("content_hashes"), valid) if run.pool is not None else None
     backbone, image_size = dedup_embedder(run.cur.embed)
     references = [embedding.embed_reference_set(p, backbone, image_size, run.cur.embed)
                   for p in run.cur.dedup.decontamination_sets]
-    result = deduplicate(x, run.cur.dedup, hashes=hashes, pixel_counts=np.load(directory / "pixel_counts.npy"),
+    result = deduplicate(x, run.cur.dedup, hashes=hashes, pixel_counts=run.embedded("pixel_counts"),
                          keys=run.pool.keys if run.pool is not None else None, reference_sets=references,
                          seed=run.cfg.seed)
     keep = result.keep & valid
-    with atomic_dir(run.dir("dedup")) as tmp:
-        save_dedup_result(DedupResult(keep, result.groups, result.contaminated, result.counts), tmp)
-        save_npy(tmp / "candidates.npy", np.flatnonzero(keep).astype(np.int64))
-    return {**result.counts, "unreadable": int((~valid).sum()), "candidates": int(keep.sum())}
+    counts = {**result.counts, "unreadable": int((~valid).sum()), "candidates": int(keep.sum())}
+    if Comm.current().is_main:
+        with atomic_dir(run.dir("dedup")) as tmp:
+            save_dedup_result(DedupResult(keep, result.groups, result.contaminated, result.counts), tmp)
+            save_npy(tmp / "candidates.npy", np.flatnonzero(keep).astype(np.int64))
+            if run.pool is not None:
+                write_dedup_report(tmp, run.pool, result.groups, counts, run.cur.report_examples, run.cfg.seed)
+    return counts
+
+
+def _first_part(run: CurationRun) -> str:
+    return read_json(run.dir("embed") / "rows.json")["parts"][0]["dir"]
+
+
+class _ReadableHashes:
+    """The content hashes, with each unreadable file's replaced by one of its own: unreadable files
+    must not be grouped by their (often equal, e.g. empty) bytes."""
+
+    def __init__(self, hashes: RowStore, valid: np.ndarray):
+        self.hashes, self.valid = hashes, valid
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        digests = np.asarray(self.hashes[rows]).astype(object)
+        positions = np.arange(len(self.hashes))[rows]
+        for j in np.flatnonzero(~self.valid[rows]):
+            digests[j] = f"unreadable-{positions[j]}"
+        return digests
 
 
 def duplicate_group_of(result: DedupResult, n_items: int) -> np.ndarray:
@@ -190,16 +218,11 @@ def kmeans_stage(run: CurationRun) -> dict:
     candidates = run.candidates()
     if len(candidates) == 0:
         raise DataError("no image survived dedup; check curation.dedup.threshold and the embed stage's skips")
-    kcfg = OmegaConf.create(OmegaConf.to_container(run.cur.kmeans, resolve=True))
-    fit_rows = np.arange(len(candidates))
-    if kcfg.train_sample is not None and kcfg.train_sample < len(candidates):
-        rng = np.random.default_rng((run.cfg.seed, 1))
-        fit_rows = np.sort(rng.choice(len(candidates), size=kcfg.train_sample, replace=False))
-    kcfg.train_sample = None  # the sample is drawn here; the assign stage covers every candidate
-    x = np.asarray(run.embeddings()[candidates[fit_rows]])
-    tree = fit_hierarchical_kmeans(x, kcfg, checkpoint_dir=run.dir("kmeans") / "levels", seed=run.cfg.seed)
-    save_npy(run.dir("kmeans") / "fit_rows.npy", fit_rows)
-    return {"fit_points": len(fit_rows), "clusters_per_level": [level.n_clusters for level in tree.levels]}
+    tree = fit_hierarchical_kmeans(RowSubset(run.embeddings(), candidates), run.cur.kmeans,
+                                   checkpoint_dir=run.dir("kmeans") / "levels", seed=run.cfg.seed)
+    return {"fit_points": len(candidates) if run.cur.kmeans.train_sample is None
+            else min(len(candidates), run.cur.kmeans.train_sample),
+            "clusters_per_level": [level.n_clusters for level in tree.levels]}
 
 
 def assign_rows(embeddings: np.ndarray, candidates: np.ndarray, centroids: np.ndarray, rows: range,
@@ -215,15 +238,9 @@ def assign_rows(embeddings: np.ndarray, candidates: np.ndarray, centroids: np.nd
     return assignment, distances
 
 
-def block_slice(n_rows: int, block_rows: int, i: int, n: int) -> range:
-    """Rows of slice i of n: a contiguous run of whole blocks."""
-    n_blocks = -(-n_rows // block_rows)
-    return range(min(i * n_blocks // n * block_rows, n_rows), min((i + 1) * n_blocks // n * block_rows, n_rows))
-
-
 def assign_slice(run: CurationRun, i: int, n: int, out: Path) -> dict:
     candidates = run.candidates()
-    rows = block_slice(len(candidates), ASSIGN_BLOCK_ROWS, i, n)
+    rows = block_range(len(candidates), i, n, ASSIGN_BLOCK_ROWS)
     centroids = ClusterTree.load(run.dir("kmeans") / "levels").levels[0].centroids
     assignment, distances = assign_rows(run.embeddings(), candidates, centroids, rows)
     save_npy(out / "assignment.npy", assignment)
@@ -246,7 +263,6 @@ def assign_merge(run: CurationRun, slices: list[Path]) -> dict:
 # ----------------------------------------------------------------------------- sample (+ retrieval)
 def sample_stage(run: CurationRun) -> dict:
     tree, candidates = run.tree(), run.candidates()
-    paths = tree.point_clusters()
     sampled = hierarchical_sample(tree, run.cur.sampling, seed=run.cfg.seed)
     indices, cluster_path = [candidates[sampled.indices]], [sampled.cluster_path]
     sources, source = ["sampling"], [np.zeros(len(sampled.indices), dtype=np.int64)]
@@ -264,15 +280,16 @@ def sample_stage(run: CurationRun) -> dict:
         new = ~np.isin(found.indices, indices[0])
         position = np.searchsorted(candidates, found.indices[new])
         indices.append(found.indices[new])
-        cluster_path.append(paths[position])
+        cluster_path.append(tree.point_clusters()[position])
         source.append(1 + found.seed_set[new])
         sources += [f"retrieval:{Path(p).name}" for p in run.cur.retrieval.seed_sets]
         counts["retrieved"] = int(new.sum())
-    with atomic_dir(run.dir("sample")) as tmp:
-        save_npy(tmp / "selected.npy", np.concatenate(indices).astype(np.int64))
-        save_npy(tmp / "cluster_path.npy", np.concatenate(cluster_path).astype(np.int64))
-        save_npy(tmp / "source.npy", np.concatenate(source).astype(np.int64))
-        write_json(tmp / "sources.json", sources)
+    if Comm.current().is_main:
+        with atomic_dir(run.dir("sample")) as tmp:
+            save_npy(tmp / "selected.npy", np.concatenate(indices).astype(np.int64))
+            save_npy(tmp / "cluster_path.npy", np.concatenate(cluster_path).astype(np.int64))
+            save_npy(tmp / "source.npy", np.concatenate(source).astype(np.int64))
+            write_json(tmp / "sources.json", sources)
     return {**counts, "selected": int(sum(len(i) for i in indices))}
 
 

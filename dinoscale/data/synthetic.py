@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
 from dinoscale.utils.io import atomic_dir, write_json
 
@@ -49,6 +49,8 @@ SEGMENTATION_CLASSES = ["background", *CLASS_NAMES]  # mask value = index here
 DEPTH_PNG_SCALE = 1000  # 16-bit depth PNGs hold millimetres (NYU's convention)
 GROUND_NEAR, GROUND_FAR = 4.0, 8.0  # depth of the bottom and top image rows, metres
 OBJECT_DEPTH_AT_RADIUS = 0.6  # an object drawn with radius r (as a share of the image side) is 0.6 / r m away
+EDIT_KINDS = (*DUPLICATE_KINDS, "caption", "overlay", "pad", "flip")  # the real-image set uses them all
+CAPTIONS = ("(c) 2024 stock photo", "SALE -50%", "follow us", "wallpaper HD", "shared via chat")
 
 
 @dataclass(frozen=True)
@@ -225,22 +227,80 @@ def _encode(img: Image.Image, fmt: str, quality: int = 92) -> bytes:
     return buf.getvalue()
 
 
-def _near_duplicate(kind: str, img: Image.Image, source_bytes: bytes, rng: np.random.Generator) -> bytes:
-    size = img.size[0]
+def near_duplicate(kind: str, img: Image.Image, source_bytes: bytes, rng: np.random.Generator) -> bytes:
+    """The bytes of a copy of `img` made by one edit of EDIT_KINDS (the synthetic pool uses DUPLICATE_KINDS).
+
+    exact: the source bytes; jpeg: re-encoded at quality 55-80; resize: 70-90% of the side; crop: a
+    margin of 3-8% of each side cut off and resized back; brightness: scaled by 0.9-1.1; caption: a dark
+    band with white text over the bottom eighth; overlay: a half-transparent logo over 12-20% of the side
+    in a corner; pad: a black or white border, letterboxed or pillarboxed to a 4:3 or 16:9 frame; flip: mirrored
+    left to right. Every copy but `exact` is a JPEG of quality 92.
+    """
+    width, height = img.size
     if kind == "exact":
         return source_bytes
     if kind == "jpeg":
         return _encode(img, "jpg", quality=int(rng.integers(55, 80)))
     if kind == "resize":
-        new = int(size * rng.uniform(0.7, 0.9))
-        return _encode(img.resize((new, new), Image.BICUBIC), "jpg", quality=92)
+        scale = rng.uniform(0.7, 0.9)
+        return _encode(img.resize((max(1, int(width * scale)), max(1, int(height * scale))), Image.BICUBIC), "jpg")
     if kind == "crop":
-        margin = max(1, int(size * rng.uniform(0.03, 0.08)))
-        box = (margin, margin, size - margin, size - margin)
-        return _encode(img.crop(box).resize((size, size), Image.BICUBIC), "jpg", quality=92)
+        margin = rng.uniform(0.03, 0.08)
+        dx, dy = max(1, int(width * margin)), max(1, int(height * margin))
+        return _encode(img.crop((dx, dy, width - dx, height - dy)).resize((width, height), Image.BICUBIC), "jpg")
     if kind == "brightness":
-        return _encode(ImageEnhance.Brightness(img).enhance(rng.uniform(0.9, 1.1)), "jpg", quality=92)
+        return _encode(ImageEnhance.Brightness(img).enhance(rng.uniform(0.9, 1.1)), "jpg")
+    if kind == "caption":
+        return _encode(_caption(img, rng), "jpg")
+    if kind == "overlay":
+        return _encode(_overlay(img, rng), "jpg")
+    if kind == "pad":
+        return _encode(_letterbox(img, rng), "jpg")
+    if kind == "flip":
+        return _encode(img.transpose(Image.FLIP_LEFT_RIGHT), "jpg")
     raise ValueError(kind)
+
+
+def _caption(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    width, height = img.size
+    band = max(4, height // 8)
+    out = img.convert("RGBA")
+    layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    draw.rectangle((0, height - band, width, height), fill=(0, 0, 0, 170))
+    text = CAPTIONS[int(rng.integers(len(CAPTIONS)))]
+    draw.text((band // 4, height - band), text, fill=(255, 255, 255, 255), font=ImageFont.load_default(size=band * 0.8))
+    return Image.alpha_composite(out, layer).convert("RGB")
+
+
+def _overlay(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    width, height = img.size
+    side = max(3, int(min(width, height) * rng.uniform(0.12, 0.2)))
+    pad = max(1, side // 4)
+    corner = int(rng.integers(4))
+    x = pad if corner % 2 == 0 else width - side - pad
+    y = pad if corner < 2 else height - side - pad
+    colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+    layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    draw.ellipse((x, y, x + side, y + side), fill=(*colour, 150))
+    draw.ellipse((x + side // 4, y + side // 4, x + 3 * side // 4, y + 3 * side // 4), fill=(255, 255, 255, 150))
+    return Image.alpha_composite(img.convert("RGBA"), layer).convert("RGB")
+
+
+def _letterbox(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A border of 4-10% of the side all round, then bars to a 4:3 or 16:9 frame (rotated for wide pictures)."""
+    width, height = img.size
+    border = int(min(width, height) * rng.uniform(0.04, 0.1))
+    aspect = (4 / 3, 16 / 9)[int(rng.integers(2))]
+    frame_w, frame_h = width + 2 * border, height + 2 * border
+    if frame_w / frame_h < aspect:
+        frame_w = round(frame_h * aspect)
+    else:
+        frame_h = round(frame_w * aspect)
+    out = Image.new("RGB", (frame_w, frame_h), (0, 0, 0) if rng.random() < 0.5 else (255, 255, 255))
+    out.paste(img, ((frame_w - width) // 2, (frame_h - height) // 2))
+    return out
 
 
 def _corrupt_bytes(k: int, rng: np.random.Generator, size: int) -> bytes:
@@ -282,7 +342,7 @@ def make_synthetic_pool(out_dir: str | Path, spec: SyntheticSpec = SyntheticSpec
     for source, n in zip(dup_sources, n_copies):
         for kind in rng.choice(DUPLICATE_KINDS, n, replace=False):
             src_bytes, src_ext, label = items[source]
-            data = _near_duplicate(str(kind), images[source], src_bytes, rng)
+            data = near_duplicate(str(kind), images[source], src_bytes, rng)
             copies_of.setdefault(int(source), []).append((len(items), str(kind)))
             items.append((data, src_ext if kind == "exact" else "jpg", label))
     corrupt_start = len(items)

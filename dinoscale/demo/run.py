@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dinoscale.config import load_config
 from dinoscale.curation.dedup import load_dedup_result
+from dinoscale.curation.dedup_eval import SOURCE, GroundTruth, score_groups
 from dinoscale.curation.pipeline import run_curation, stage_dir
 from dinoscale.curation.report import CLUSTER_SIZES_PNG, thumbnail_row
 from dinoscale.data.pool import open_pool
@@ -111,18 +112,17 @@ def normalised_entropy(counts: Sequence[int]) -> float:
 
 
 def duplicate_scores(dedup_dir: Path, synthetic_dir: Path, pool_keys: list[str]) -> dict[str, float]:
-    """Pairwise precision and recall of the found duplicate groups against the ground truth."""
-    truth_groups = json.loads((synthetic_dir / "duplicates.json").read_text())
-    found_groups = load_dedup_result(dedup_dir).groups
-
-    def pairs(groups: list[list[str]]) -> set[tuple[str, str]]:
-        return {(a, b) for g in groups for a in g for b in g if a < b}
-
-    truth = pairs([[g["source"], *(c["key"] for c in g["copies"])] for g in truth_groups])
-    found = pairs([[pool_keys[int(i)] for i in group] for group in found_groups])
-    hits = len(truth & found)
-    return {"precision": hits / max(len(found), 1), "recall": hits / max(len(truth), 1),
-            "true_pairs": len(truth), "found_pairs": len(found), "groups_found": len(found_groups)}
+    """Pairwise precision and recall of the found duplicate groups against the planted copies."""
+    picture, origin = np.array(pool_keys), np.full(len(pool_keys), SOURCE, dtype=object)
+    source, position = np.arange(len(pool_keys)), {key: i for i, key in enumerate(pool_keys)}
+    for group in json.loads((synthetic_dir / "duplicates.json").read_text()):
+        for copy in group["copies"]:
+            i = position[copy["key"]]
+            picture[i], origin[i], source[i] = group["source"], copy["kind"], position[group["source"]]
+    groups = load_dedup_result(dedup_dir).groups
+    scores = score_groups(groups, GroundTruth(picture, origin, source))
+    return {"precision": scores["precision"], "recall": scores["recall"], "true_pairs": scores["true_pairs"],
+            "found_pairs": scores["found_pairs"], "groups_found": len(groups), "mixed_groups": scores["mixed_groups"]}
 
 
 def class_histograms(synthetic_dir: Path, pool_keys: list[str], selected: np.ndarray) -> dict[str, list[int]]:

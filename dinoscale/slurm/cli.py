@@ -98,7 +98,8 @@ def add_submit_parser(subparsers: Any) -> argparse.ArgumentParser:
     _add_job_options(p)
     p.set_defaults(handler=cmd_submit_train)
 
-    p = sub.add_parser("curate", help="curation stages: parallel ones as job arrays, each merged after its array")
+    p = sub.add_parser("curate", help="curation stages: collective ones (dedup, kmeans, sample) as one job of "
+                                      "--nodes x --tasks-per-node ranks, parallel ones as job arrays merged after")
     p.add_argument("config", help="preset name or YAML file")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--slices", type=int, default=1, help="array tasks per parallel stage (embed, assign, shards)")

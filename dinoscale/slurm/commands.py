@@ -3,7 +3,9 @@ job arrays with afterok dependencies, and evaluation commands.
 
 Each submission saves its resolved config into its job folder (`RUN/slurm/config.yaml` for training,
 `CURATION_OUTPUT/slurm/` for curation) and the job loads it from there, so only a path travels in the
-pickle. Training runs one task per GPU (or `tasks_per_node` on CPU nodes) that initialises
+pickle. Curation's collective stages (dedup, k-means, sampling) run as one job of `nodes` x
+`tasks_per_node` tasks (one per GPU with `gpus_per_node`) that form a torch.distributed process group;
+its parallel stages stay job arrays of one-task jobs. Training runs one task per GPU (or `tasks_per_node` on CPU nodes) that initialises
 torch.distributed from the SLURM environment; the job is checkpointable: on preemption or time-out the
 trainer saves a checkpoint, submitit requeues the job and `train` resumes from the run's last checkpoint.
 """
@@ -50,7 +52,7 @@ class JobResources:
 
 
 def build_executor(folder: str | Path, resources: JobResources, *, name: str, tasks: int | None = None,
-                   check: bool = True) -> submitit.AutoExecutor:
+                   nodes: int | None = None, check: bool = True) -> submitit.AutoExecutor:
     """An executor for `resources` writing into `folder`; on SLURM (with `check`) first checks that the
     controller answers and the partition exists, so a mistake is reported before anything is written."""
     if check and not resources.local:
@@ -58,7 +60,7 @@ def build_executor(folder: str | Path, resources: JobResources, *, name: str, ta
         if resources.partition:
             check_partition(resources.partition)
     return make_executor(
-        folder, nodes=resources.nodes, tasks_per_node=tasks or resources.tasks, gpus_per_node=resources.gpus_per_node,
+        folder, nodes=nodes or resources.nodes, tasks_per_node=tasks or resources.tasks, gpus_per_node=resources.gpus_per_node,
         cpus_per_task=resources.cpus_per_task, partition=resources.partition, time_min=resources.time_min,
         account=resources.account, qos=resources.qos, constraint=resources.constraint, mem_gb=resources.mem_gb,
         local=resources.local, name=name)
@@ -121,6 +123,19 @@ def curation_stage_task(config_path: str, name: str, slice_index: int | None = N
     return run_stage(cfg, name, None if slice_index is None else (slice_index, n_slices))
 
 
+def curation_collective_task(config_path: str, names: Sequence[str]) -> dict:
+    """One task of a multi-task job running collective curation stages `names` in order, every task a
+    rank of one torch.distributed process group set up from the SLURM environment."""
+    from dinoscale.config import load_config
+    from dinoscale.curation.launch import curation_ranks
+    from dinoscale.curation.pipeline import run_stage
+
+    os.environ.update(distributed_env_from_slurm().torch_env())
+    cfg = load_config(config_path)
+    with curation_ranks(cfg):
+        return {name: run_stage(cfg, name) for name in names}
+
+
 def curation_merge_task(config_path: str, name: str, n_slices: int) -> dict:
     """Merge the `n_slices` slices of a parallel curation stage."""
     from dinoscale.config import load_config
@@ -160,34 +175,52 @@ class CurationJobs:
 
 def submit_curation(cfg: DictConfig, resources: JobResources, n_slices: int, only: str | None = None) -> CurationJobs:
     """Submit every unfinished curation stage (or only stage `only`) in order: a parallel stage as an array
-    of `n_slices` slice tasks and a merge that runs after all of them succeeded, a serial stage as one job
-    after the one before. Slices finished by an earlier submission return at once."""
-    from dinoscale.curation.pipeline import stage_is_parallel
+    of `n_slices` one-task slices and a merge that runs after all of them succeeded; consecutive collective
+    stages as one job of `resources.nodes` x `resources.tasks` tasks (a process group; one task when that is
+    1); the report as one task after the stage before. Slices finished by an earlier submission return at once."""
+    from dinoscale.curation.pipeline import COLLECTIVE_STAGES, stage_is_parallel
 
     if n_slices < 1:
         raise SlurmError(f"submit curate: --slices must be at least 1, got {n_slices}")
     folder = curation_folder(cfg)
     config_path = str(_save_config(cfg, folder))
-    executor = build_executor(folder, resources, name="dinoscale-curate", tasks=1)
+    one_task = build_executor(folder, resources, name="dinoscale-curate", tasks=1, nodes=1)
+    ranks = resources.nodes * resources.tasks
     slices: dict[str, list[submitit.Job]] = {}
     single: dict[str, submitit.Job] = {}
     previous: submitit.Job | None = None
-    for name in stages_to_submit(cfg, only):
-        if stage_is_parallel(name) and n_slices > 1:
-            array = submit_array(executor, CheckpointableCall(curation_stage_task),
+    for names in _job_groups(stages_to_submit(cfg, only), COLLECTIVE_STAGES if ranks > 1 else ()):
+        name = names[0]
+        if len(names) > 1 or name in COLLECTIVE_STAGES and ranks > 1:
+            executor = build_executor(folder, resources, name="dinoscale-curate", check=False)
+            previous = submit(executor, CheckpointableCall(curation_collective_task), config_path, names, after=previous)
+        elif stage_is_parallel(name) and n_slices > 1:
+            array = submit_array(one_task, CheckpointableCall(curation_stage_task),
                                  [(config_path, name, i, n_slices) for i in range(n_slices)], after=previous)
             slices[name] = array
-            previous = submit(executor, CheckpointableCall(curation_merge_task), config_path, name, n_slices,
+            previous = submit(one_task, CheckpointableCall(curation_merge_task), config_path, name, n_slices,
                               after=array)
         else:
-            previous = submit(executor, CheckpointableCall(curation_stage_task), config_path, name, after=previous)
-        single[name] = previous
+            previous = submit(one_task, CheckpointableCall(curation_stage_task), config_path, name, after=previous)
+        for name in names:
+            single[name] = previous
     return CurationJobs(slices, single)
+
+
+def _job_groups(stages: Sequence[str], collective: Sequence[str]) -> list[list[str]]:
+    """The stages in order, consecutive `collective` ones together (one job each group)."""
+    groups: list[list[str]] = []
+    for name in stages:
+        if groups and name in collective and groups[-1][-1] in collective:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
 
 
 def dry_run_curation(cfg: DictConfig, resources: JobResources, only: str | None = None) -> str:
     """The sbatch script of the first curation job."""
-    executor = build_executor(curation_folder(cfg), resources, name="dinoscale-curate", tasks=1, check=False)
+    executor = build_executor(curation_folder(cfg), resources, name="dinoscale-curate", tasks=1, nodes=1, check=False)
     stages = stages_to_submit(cfg, only) or [only or "report"]
     return dry_run_script(executor, CheckpointableCall(curation_stage_task),
                           str(curation_folder(cfg) / CONFIG_NAME), stages[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Iterable, Iterator, TypeVar
@@ -23,6 +24,19 @@ def setup_logging(level: int = logging.INFO) -> None:
     logger.addHandler(handler)
     logger.setLevel(level if launcher_rank() == 0 else logging.WARNING)
     logger.propagate = False
+
+
+def log_to_file(path: str | os.PathLike) -> logging.Handler:
+    """Also write every INFO line of this process (any rank) to `path`; returns the handler to remove."""
+    setup_logging()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{launcher_rank()}] %(levelname)s %(message)s", "%H:%M:%S"))
+    for existing in logger.handlers:  # the terminal keeps showing rank 0's INFO and the others' warnings
+        existing.setLevel(logger.level)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
 
 
 def get_logger(name: str) -> logging.Logger:

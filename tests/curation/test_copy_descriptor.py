@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from dinoscale.curation import copy_descriptor as cd
 from dinoscale.curation import embed
+from dinoscale.errors import ConfigError
 from dinoscale.eval.features import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -85,3 +87,48 @@ def test_descriptor_blocks_fill_the_declared_dimension(side):
     torch.testing.assert_close(rows.norm(dim=1), torch.ones(4))
     layout_end = 3 * cd.LAYOUT_GRID**2
     assert F.cosine_similarity(rows[0, :layout_end], rows[1, :layout_end], dim=0) < 1
+
+
+class TinyCopyModel(torch.nn.Module):
+    """A stand-in for a copy-detection model such as SSCD: pooled colours through a linear map."""
+
+    def __init__(self):
+        super().__init__()
+        self.project = torch.nn.Linear(12, 6)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.project(F.adaptive_avg_pool2d(images, 2).flatten(1))
+
+
+def test_a_torchscript_copy_detection_model_from_a_file(tmp_path):
+    model = TinyCopyModel().eval()
+    path = tmp_path / "copy_model.pt"
+    torch.jit.script(model).save(str(path))
+    weights = tmp_path / "state.pth"
+    torch.save(model.state_dict(), weights)
+    assert embed.is_torchscript(path) and not embed.is_torchscript(weights)
+
+    embedder = embed.build_embedder(str(path), 16, OmegaConf.create({"arch": None, "precision": "fp32"}),
+                                    key="curation.embed.copy_detection", device=torch.device("cpu"))
+    images = normalised(torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    assert embedder.dim == 6
+    torch.testing.assert_close(embedder(images), F.normalize(model(images), dim=1))
+
+
+def test_a_torchscript_model_must_return_one_row_per_image(tmp_path):
+    path = tmp_path / "maps.pt"
+    torch.jit.script(torch.nn.Conv2d(3, 4, 3)).save(str(path))
+    with pytest.raises(ConfigError, match="one descriptor row"):
+        embed.build_embedder(str(path), 16, OmegaConf.create({"arch": None, "precision": "fp32"}),
+                             device=torch.device("cpu"))
+
+
+def test_pdq_embedding_is_the_hash_as_signs():
+    pdqhash = pytest.importorskip("pdqhash")
+    rgb = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    rows = embed.build_embedder(embed.PDQ, 64, None)(normalised(rgb))
+    torch.testing.assert_close(rows.norm(dim=1), torch.ones(2))
+    uint8 = (rgb * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    bits = [pdqhash.compute(np.ascontiguousarray(image))[0] for image in uint8]
+    hamming = int((bits[0] != bits[1]).sum())
+    assert abs(float(rows[0] @ rows[1]) - (1 - 2 * hamming / 256)) < 1e-5

@@ -9,6 +9,7 @@ import pytest
 
 from dinoscale.curation.config import DedupConfig
 from dinoscale.curation.dedup import content_hashes, deduplicate, load_dedup_result, save_dedup_result
+from dinoscale.curation.dedup_eval import GroundTruth, score_groups
 from dinoscale.errors import DataError
 
 
@@ -34,7 +35,9 @@ def planted_pool(seed: int = 0, n_singletons: int = 200, group_sizes=(2, 3, 4, 5
 
 
 def brute_force_groups(x: np.ndarray, k: int, threshold: float) -> list[set[int]]:
-    """Components (size > 1) of the graph linking i to those of its k nearest (cosine) above threshold."""
+    """The walk of the grouping rule, written out: the graph links i and j when one is among the other's
+    k nearest (cosine) above threshold; going down the rank (here: the index), an image not yet in a
+    group starts one and takes every linked image not yet in a group."""
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     sim = xn @ xn.T
     np.fill_diagonal(sim, -np.inf)
@@ -45,20 +48,15 @@ def brute_force_groups(x: np.ndarray, k: int, threshold: float) -> list[set[int]
             if sim[i, j] > threshold:
                 adjacency[i].add(int(j))
                 adjacency[int(j)].add(i)
-    seen, components = set(), []
-    for start in range(len(x)):
-        if start in seen:
+    grouped, groups = set(), []
+    for survivor in range(len(x)):
+        if survivor in grouped:
             continue
-        stack, component = [start], set()
-        while stack:
-            node = stack.pop()
-            if node not in component:
-                component.add(node)
-                stack.extend(adjacency[node] - component)
-        seen |= component
-        if len(component) > 1:
-            components.append(component)
-    return components
+        group = {survivor} | (adjacency[survivor] - grouped)
+        grouped |= group
+        if len(group) > 1:
+            groups.append(group)
+    return groups
 
 
 def as_sets(groups) -> list[set[int]]:
@@ -87,8 +85,8 @@ def test_planted_near_duplicate_groups_found_exactly():
     assert result.counts["kept"] == len(x) - sum(len(g) - 1 for g in planted)
 
 
-def test_components_are_transitive():
-    """a~b and b~c put a, b and c in one group even though a and c are far apart."""
+def test_a_chain_of_look_alikes_is_not_one_group():
+    """a~b and b~c but a and c far apart: b joins a's group, c stays (connected components would merge all)."""
     rng = np.random.default_rng(1)
     angles = np.deg2rad([0.0, 45.0, 90.0])
     plane = np.zeros((3, 64))
@@ -96,8 +94,50 @@ def test_components_are_transitive():
     x = np.concatenate([plane, unit(rng.standard_normal((50, 64)))]).astype(np.float32)
     x[3:, :2] = 0  # keep the others away from the plane
     result = deduplicate(x, DedupConfig())
-    assert as_sets(result.groups) == [{0, 1, 2}]
-    assert result.keep[:3].tolist() == [True, False, False]
+    assert as_sets(result.groups) == [{0, 1}]
+    assert result.keep[:3].tolist() == [True, False, True]
+    # the middle image is the largest: it survives and takes both ends, each a duplicate of it
+    result = deduplicate(x, DedupConfig(), pixel_counts=np.r_[1, 2, 1, np.ones(50)])
+    assert as_sets(result.groups) == [{0, 1, 2}] and result.groups[0][0] == 1
+    assert result.keep[:3].tolist() == [False, True, False]
+
+
+def test_every_member_is_a_duplicate_of_its_survivor_and_survivors_are_not_linked():
+    rng = np.random.default_rng(11)
+    x = unit(np.cumsum(0.25 * rng.standard_normal((400, 32)), axis=0))  # a random walk: long chains
+    cfg = DedupConfig(k=8, threshold=0.9)
+    result = deduplicate(x, cfg, pixel_counts=rng.integers(1, 5, len(x)))
+    assert result.counts["largest_group"] < len(brute_force_components(x, cfg.k, cfg.threshold)[0])
+    for group in result.groups:
+        assert (x[group[1:]] @ x[group[0]] > cfg.threshold).all()
+    kept = np.flatnonzero(result.keep)
+    sim = x[kept] @ x[kept].T
+    np.fill_diagonal(sim, -1)
+    rank_k = np.sort(x @ x.T, axis=1)[:, -cfg.k - 1]  # the k-th neighbour's cosine of each image
+    linked = (sim > cfg.threshold) & ((sim >= rank_k[kept][:, None]) | (sim >= rank_k[kept][None, :]))
+    assert not linked.any()
+
+
+def brute_force_components(x: np.ndarray, k: int, threshold: float) -> list[set[int]]:
+    """Connected components (largest first) of the same graph: what the grouping rule must not do."""
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    neighbours = np.argsort(-sim, axis=1)[:, :k]
+    label = list(range(len(x)))
+
+    def root(i: int) -> int:
+        while label[i] != i:
+            i = label[i]
+        return i
+
+    for i in range(len(x)):
+        for j in neighbours[i]:
+            if sim[i, j] > threshold:
+                label[root(int(j))] = root(i)
+    components: dict[int, set[int]] = {}
+    for i in range(len(x)):
+        components.setdefault(root(i), set()).add(i)
+    return sorted(components.values(), key=len, reverse=True)
 
 
 def test_exact_hash_duplicates_all_found():
@@ -170,7 +210,8 @@ def test_decontamination_drops_whole_components():
 
 @pytest.mark.parametrize("ivf", [False, True])
 def test_matches_brute_force_cosine_graph(ivf: bool):
-    """Clustered data where k limits the graph: faiss (flat, or IVF probing every list) = numpy."""
+    """Clustered data where k limits the graph: faiss (flat, or IVF probing every list) and the rounds of
+    `survivor_states` give the groups of the walk written out in numpy."""
     rng = np.random.default_rng(8)
     centers = rng.standard_normal((30, 48))
     x = unit(centers[rng.integers(0, 30, 600)] + 0.9 * rng.standard_normal((600, 48)))
@@ -178,7 +219,7 @@ def test_matches_brute_force_cosine_graph(ivf: bool):
     cfg = DedupConfig(k=k, threshold=threshold, ivf_min_size=100 if ivf else 10**9, nprobe=10**6)
     result = deduplicate(x, cfg)
     expected = brute_force_groups(x, k, threshold)
-    assert len(expected) > 10 and max(len(g) for g in expected) > k + 1  # chains longer than k happen
+    assert len(expected) > 10 and max(len(g) for g in brute_force_components(x, k, threshold)) > k + 1
     assert as_sets(result.groups) == sorted(expected, key=min)
     expected_keep = np.ones(len(x), dtype=bool)
     for g in expected:
@@ -207,3 +248,21 @@ def test_user_errors():
         deduplicate(x[0], DedupConfig())
     with pytest.raises(DataError, match="run the dedup stage"):
         load_dedup_result("nowhere")
+
+
+def test_pairwise_scores_count_pairs_by_their_definition():
+    """Precision and recall over item pairs, computed by hand on a small truth: pictures A (a source at two
+    sizes and a jpeg copy), B and C (look-alikes of each other) and D."""
+    truth = GroundTruth(picture=np.array(["A", "A", "A", "B", "C", "D"]),
+                        origin=np.array(["source", "source", "jpeg", "source", "source", "source"]),
+                        source=np.array([0, 1, 0, 3, 4, 5]), lookalikes={("B", "C")})
+    groups = [np.array([0, 2, 5]), np.array([3, 4])]  # A0+copy (true), A0-D and copy-D (false); B-C left out
+    scores = score_groups(groups, truth)
+    assert scores["true_pairs"] == 3  # (0,1) original, (0,2) jpeg, (1,2) indirect
+    assert scores["found_pairs"] == 3 and scores["false_pairs"] == 2
+    assert scores["precision"] == pytest.approx(1 / 3) and scores["recall"] == pytest.approx(1 / 3)
+    assert scores["mixed_groups"] == 1 and scores["lookalike_pairs_merged"] == 1
+    kinds = scores["per_kind"]
+    assert kinds["jpeg"]["recall"] == 1.0 and kinds["jpeg"]["false_pairs"] == 1  # the copy paired with D
+    assert kinds["original"]["recall"] == 0.0 and kinds["original"]["false_pairs"] == 2
+    assert kinds["indirect"]["precision"] is None

@@ -10,6 +10,7 @@ from PIL import Image
 from dinoscale.config import load_config
 from dinoscale.curation import embed
 from dinoscale.curation.copy_descriptor import CopyDescriptorEmbedder
+from dinoscale.curation.store import RowStore
 from dinoscale.data.pool import open_pool
 from dinoscale.errors import ConfigError, DataError
 from dinoscale.eval.features import eval_transform
@@ -105,14 +106,15 @@ def test_slices_reproduce_the_single_process_embedding_in_bf16(pool_dir, weights
     for worker in range(3):
         rows = embed.embed_slice_range(len(pool), 4, worker, 3)
         part = embed.embed_slice(pool, rows, embedders, "", 4, num_workers=1)  # decoding in a worker process
-        slice_dirs.append(tmp_path / f"slice{worker}")
+        slice_dirs.append(tmp_path / "merged" / f"slice{worker}")
         embed.save_slice(slice_dirs[-1], part)
-    (tmp_path / "merged").mkdir()
-    counts = embed.merge_slices(slice_dirs, tmp_path / "merged")
+    counts = embed.list_slices(slice_dirs, tmp_path / "merged")
     assert counts["items"] == 21 and counts["valid"] == 19
     assert counts[f"{embed.MAIN}_dim"] == 32 and counts[f"{embed.COPY}_dim"] == CopyDescriptorEmbedder(32).dim
     for name in (embed.MAIN, embed.COPY, "valid", "content_hashes", "pixel_counts"):
-        assert (tmp_path / "merged" / f"{name}.npy").read_bytes() == (tmp_path / "whole" / f"{name}.npy").read_bytes()
+        merged = np.asarray(RowStore.open(tmp_path / "merged", name))
+        single = np.load(tmp_path / "whole" / f"{name}.npy")
+        assert merged.dtype == single.dtype and merged.shape == single.shape and merged.tobytes() == single.tobytes()
 
 
 def test_bf16_stays_close_to_fp32(pool_dir, weights):

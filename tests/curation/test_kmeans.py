@@ -16,6 +16,7 @@ from dinoscale.curation.kmeans import (
     merge_assignment_slices,
 )
 from dinoscale.curation.lloyd import _Bf16NearestCentroid, lloyd
+from dinoscale.curation.points import Points
 from dinoscale.curation.sampling import hierarchical_sample
 from dinoscale.curation.seeding import greedy_kmeans_plus_plus, seed_rows
 from dinoscale.errors import ConfigError, DataError
@@ -51,6 +52,24 @@ def blobs(seed: int = 0, n: int = 2000, dim: int = 8, n_blobs: int = 10) -> np.n
     return (centers[rng.integers(0, n_blobs, n)] + rng.standard_normal((n, dim))).astype(np.float32)
 
 
+RINGS_KMEANS = KMeansConfig(n_clusters=[1000, 300], n_resampling_steps=[10, 10], sample_size=[15, 2], n_iter=50,
+                            seeding_points_per_cluster=20)
+RING_SAMPLING_SEEDS = range(10)
+
+
+def ring_sample_counts(seed: int) -> np.ndarray:
+    """(10, 5): how many points of each ring ten 1000-point samples of the tree fitted on
+    five_rings(seed) hold."""
+    ring_of_point = np.repeat(np.arange(5), RING_SIZES)
+    tree = fit_hierarchical_kmeans(five_rings(seed), RINGS_KMEANS, seed=seed)
+    counts = []
+    for sampling_seed in RING_SAMPLING_SEEDS:
+        sample = hierarchical_sample(tree, SamplingConfig(target_size=1000), seed=sampling_seed)
+        assert len(sample.indices) == 1000 and len(np.unique(sample.indices)) == 1000
+        counts.append(np.bincount(ring_of_point[sample.indices], minlength=5))
+    return np.array(counts)
+
+
 @pytest.mark.slow
 def test_five_rings_sample_is_balanced_like_vo_et_al():
     """Their README setting: 2 levels of 1000 and 300 clusters, sample sizes 15 and 2, 10 resampling
@@ -58,27 +77,25 @@ def test_five_rings_sample_is_balanced_like_vo_et_al():
     normalised ring entropy of 0.982 (seeds 0-2) keeping about 113 of the 200 points of the
     smallest ring; uniform random sampling about 0.53. With 20 seeding points per cluster every
     resampling fit (at most 15 points per cluster) seeds on all its points, as theirs do; only each
-    level's first fit seeds on a subset. This implementation: 0.982 on seeds 0-2 (0.9817 +- 0.0017
-    over seeds 0-7), 113 kept. One seed's entropy moves by about 0.002 with the random stream, so
-    0.98 is the published level, not a margin: seeding on every point (0.9807 over seeds 0-7) or
-    on 10 per cluster (0.9808) are the same within that noise."""
-    ring_of_point = np.repeat(np.arange(5), RING_SIZES)
-    cfg = KMeansConfig(n_clusters=[1000, 300], n_resampling_steps=[10, 10], sample_size=[15, 2], n_iter=50,
-                       seeding_points_per_cluster=20)
-    entropies, random_entropies, smallest_ring = [], [], []
-    for seed in range(3):
-        x = five_rings(seed)
+    level's first fit seeds on a subset.
+
+    One seed's entropy has a spread of about 0.003 (k-means here is chaotic: a near tie decided in
+    another rounding sends a fit to another local optimum), so a mean over 3 seeds moves by about
+    0.002 with any change of arithmetic and 0.98 is the published level, not a margin. The mean is
+    taken over 12 seeds (about 0.001): 0.9809 here; 0.9815 before the distributed k-means, whose
+    exact decisions and sums changed which near ties go which way (seeds 0-2 alone: 0.9795 and
+    0.9818)."""
+    counts = []
+    for seed in range(12):
         start = time.perf_counter()
-        tree = fit_hierarchical_kmeans(x, cfg, seed=seed)
-        print(f"seed {seed}: hierarchical k-means {time.perf_counter() - start:.1f} s")
-        for sampling_seed in range(10):
-            sample = hierarchical_sample(tree, SamplingConfig(target_size=1000), seed=sampling_seed)
-            assert len(sample.indices) == 1000 and len(np.unique(sample.indices)) == 1000
-            counts = np.bincount(ring_of_point[sample.indices], minlength=5)
-            entropies.append(normalised_entropy(counts))
-            smallest_ring.append(counts[1])
-            uniform = np.random.default_rng(sampling_seed).choice(len(x), size=1000, replace=False)
-            random_entropies.append(normalised_entropy(np.bincount(ring_of_point[uniform], minlength=5)))
+        counts.append(ring_sample_counts(seed))
+        print(f"seed {seed}: hierarchical k-means and sampling {time.perf_counter() - start:.1f} s")
+    counts = np.concatenate(counts)
+    entropies = [normalised_entropy(c) for c in counts]
+    smallest_ring = counts[:, 1]
+    ring_of_point = np.repeat(np.arange(5), RING_SIZES)
+    random_entropies = [normalised_entropy(np.bincount(ring_of_point[np.random.default_rng(s).choice(
+        len(ring_of_point), size=1000, replace=False)], minlength=5)) for s in RING_SAMPLING_SEEDS]
     print(f"ring entropy {np.mean(entropies):.4f} (uniform random {np.mean(random_entropies):.4f}); "
           f"smallest ring kept {np.mean(smallest_ring):.1f} of 200")
     assert np.mean(random_entropies) < 0.6
@@ -107,13 +124,14 @@ def test_resampling_picks_the_points_closest_to_each_centroid():
     rng = np.random.default_rng(1)
     assignment = rng.integers(0, 7, 300)
     distances = rng.random(300).astype(np.float32)
-    picked = kmeans_module._resampling_picks(assignment, distances, 4, "closest", rng)
+    items = Points.of(np.zeros((300, 2), dtype=np.float32))
+    picked = np.flatnonzero(kmeans_module._resampling_picks(items, assignment, distances, 4, "closest", rng))
     expected = []
     for c in range(7):
         members = np.flatnonzero(assignment == c)
         expected.extend(members[np.argsort(distances[members])[:4]])
     assert sorted(picked.tolist()) == sorted(int(i) for i in expected)
-    random_picks = kmeans_module._resampling_picks(assignment, distances, 4, "random", rng)
+    random_picks = kmeans_module._resampling_picks(items, assignment, distances, 4, "random", rng)
     assert np.bincount(assignment[random_picks], minlength=7).tolist() == [
         min(4, int((assignment == c).sum())) for c in range(7)]
 
@@ -279,27 +297,10 @@ def test_sliced_assignment_equals_full_assignment():
         merge_assignment_slices(parts + [parts[1]], len(x))
 
 
-def test_fit_delegates_full_assignments(tmp_path):
-    """A SLURM array can do every full assignment: the fit then never assigns the points itself."""
-    x = blobs(seed=5)
-    seen = []
-
-    def assign_all(centroids):
-        seen.append(centroids.shape[0])
-        parts = [(s, *assign_slice(x, centroids, s, min(s + 500, len(x)))) for s in range(0, len(x), 500)]
-        return merge_assignment_slices(parts, len(x))
-
-    cfg = KMeansConfig(n_clusters=[20, 4], n_resampling_steps=[2, 1], sample_size=[5, 2], n_iter=5)
-    tree = fit_hierarchical_kmeans(x, cfg, seed=1, assign_all=assign_all)
-    assert seen == [20, 20, 20]
-    reference = fit_hierarchical_kmeans(x, cfg, seed=1)
-    np.testing.assert_array_equal(tree.levels[0].assignment, reference.levels[0].assignment)
-
-
 def test_train_sample_fits_on_a_subset_and_assigns_all(monkeypatch):
     sizes = []
     real_lloyd = kmeans_module.lloyd
-    monkeypatch.setattr(kmeans_module, "lloyd", lambda points, *a: sizes.append(len(points)) or real_lloyd(points, *a))
+    monkeypatch.setattr(kmeans_module, "lloyd", lambda points, *a: sizes.append(points.n) or real_lloyd(points, *a))
     x = blobs(seed=6, n=3000)
     cfg = KMeansConfig(n_clusters=[25], n_resampling_steps=[0], sample_size=[1], n_iter=5, train_sample=500)
     tree = fit_hierarchical_kmeans(x, cfg)

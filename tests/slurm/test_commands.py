@@ -7,10 +7,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from dinoscale.config import load_config
+from dinoscale.curation.store import RowStore
 from dinoscale.data.synthetic import SyntheticSpec, make_synthetic_pool
 from dinoscale.errors import DinoscaleError
 from dinoscale.eval.report import read_metrics
@@ -179,7 +181,7 @@ def test_embed_array_of_three_slices_equals_one_process_and_resubmission_redoes_
         wait_for(first.single["embed"], poll_s=0.5, timeout_s=60)
     for job in first.slices["embed"][::2]:
         wait_for(job, poll_s=0.5, timeout_s=120)
-    slices = tmp_path / "array" / "embed" / "_slices"
+    slices = tmp_path / "array" / "embed" / "parts"
     assert [(slices / f"{i:05d}-of-00003" / "_SUCCESS.json").exists() for i in range(3)] == [True, False, True]
 
     second = submit_curation(cfg, resources, 3, only="embed")
@@ -187,6 +189,32 @@ def test_embed_array_of_three_slices_equals_one_process_and_resubmission_redoes_
     logs = _slice_logs(second.slices["embed"])
     assert ["already done, skipping" in log for log in logs] == [True, False, True], logs
     assert "embed slice 1/3: done in" in logs[1]
-    expected = (tmp_path / "single" / "embed" / "embeddings.npy").read_bytes()
-    assert (tmp_path / "array" / "embed" / "embeddings.npy").read_bytes() == expected
+    expected = np.asarray(RowStore.open(tmp_path / "single" / "embed", "embeddings"))
+    np.testing.assert_array_equal(np.asarray(RowStore.open(tmp_path / "array" / "embed", "embeddings")), expected)
     assert submit_curation(cfg, resources, 3, only="embed").all() == []  # a finished stage is not submitted again
+
+
+@pytest.mark.slow
+def test_two_task_curation_job_gives_the_single_process_result(slurm_cluster, curation_pool, tmp_path):
+    """`dinoscale submit curate --tasks-per-node 2`: dedup and k-means as one 2-task job (a gloo process
+    group from the SLURM environment), then the assign array, sampling as a 2-task job, the shards array
+    and the report; every output equals a single process's."""
+    from dinoscale.curation.pipeline import run_curation
+
+    overrides = ["curation.kmeans.n_clusters=[20,5]", "curation.sampling.target_size=40",
+                 "curation.shards.shard_size=20"]
+    run_curation(load_config("curate/small", [f"curation.pool={curation_pool}",
+                                              f"curation.output_dir={tmp_path / 'single'}", *overrides]))
+    code = _submit_cli("curate", "curate/small", f"curation.pool={curation_pool}",
+                       f"curation.output_dir={tmp_path / 'job'}", *overrides, "--tasks-per-node", "2",
+                       "--slices", "2", "--time", "10")
+    assert code == 0
+    single, job = tmp_path / "single", tmp_path / "job"
+    for stage in ("dedup", "kmeans/levels/level_0", "kmeans/levels/level_1", "assign", "sample", "shards"):
+        files = sorted(p.relative_to(single) for p in (single / stage).glob("*") if p.is_file()
+                       and p.name != "_SUCCESS.json")
+        assert files, stage
+        assert [(job / f).read_bytes() == (single / f).read_bytes() for f in files] == [True] * len(files), stage
+    assert sorted(p.name for p in (job / "logs").glob("*.log")) == ["rank00000.log", "rank00001.log"]
+    assert "k-means level 2" in (job / "logs" / "rank00001.log").read_text()
+
