@@ -26,7 +26,7 @@ def add_curate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 def cmd_curate(args: argparse.Namespace) -> None:
     from dinoscale.config import load_config
     from dinoscale.curation.pipeline import merge_stage, parse_slice, run_curation, stage_dir
-    from dinoscale.utils.logging import rank
+    from dinoscale.distributed import launcher_rank
 
     if (args.slice or args.merge) and not args.stage:
         raise ConfigError("--slice and --merge need --stage NAME (a parallel stage: embed, assign or shards)")
@@ -37,7 +37,7 @@ def cmd_curate(args: argparse.Namespace) -> None:
         result = {args.stage: merge_stage(cfg, args.stage, args.merge)}
     else:
         result = run_curation(cfg, args.stage, parse_slice(args.slice) if args.slice else None)
-    if rank() == 0:  # every rank of a torchrun or SLURM job has the same result
+    if launcher_rank() == 0:  # every rank of a torchrun or SLURM job has the same result
         for name, counts in result.items():
             print(f"{name}: {counts}")
         if "dedup" in result and cfg.curation.pool:
