@@ -243,6 +243,26 @@ def summarise_dedup_real(out: dict) -> list[Row]:
     return rows
 
 
+def summarise_curation_scale(out: dict) -> list[Row]:
+    rows = []
+    for r in out["results"]:
+        by = {run["processes"]: run for run in r["runs"]}
+        what = f"whole curation, {r['n']:,} points on disk"
+        for p, run in sorted(by.items()):
+            one = by.get(1) if p > 1 else None
+            rows.append(Row(f"{what}, {p} process{'es' if p > 1 else ''}: wall s", run["wall_s"],
+                            "1 process" if one else "", one["wall_s"] if one else None,
+                            one["wall_s"] / run["wall_s"] if one else None,
+                            one["cpu_s"] / run["cpu_s"] if one else None))
+            rows.append(Row(f"{what}, {p} process{'es' if p > 1 else ''}: peak RSS per process, MiB",
+                            run["peak_rss_mib_per_process"], "the embeddings' size on disk", r["embeddings_mib"],
+                            r["embeddings_mib"] / run["peak_rss_mib_per_process"]))
+        if "same_result_1_and_2_processes" in r:
+            rows.append(Row(f"{what}: 2 processes give the 1-process result",
+                            "yes" if r["same_result_1_and_2_processes"] else "NO"))
+    return rows
+
+
 def _exponents(out: dict, name: str) -> str:
     wall, cpu = out[f"{name}_growth_exponent"], out[f"{name}_cpu_growth_exponent"]
     return "needs two sizes" if wall is None else f"{wall:.2f} (CPU time {cpu:.2f})"
@@ -279,6 +299,9 @@ BENCHMARKS = {
     "build": Benchmark("benchmarks.bench_build", {
         "quick": ["--arch", "vit_small", "--dry-arch", "vit_large"],
         "default": ["--arch", "vit_giant2", "--dry-arch", "vit_7b"]}, summarise_build),
+    "curation_scale": Benchmark("benchmarks.bench_curation_scale", {
+        "quick": ["--sizes", "100000"], "default": ["--sizes", "100000", "1000000"],
+        "full": ["--sizes", "100000", "1000000", "10000000"]}, summarise_curation_scale),
     "dedup_real": Benchmark("benchmarks.bench_dedup_real", {
         "quick": ["--max-pictures", "100"], "default": []}, summarise_dedup_real),
 }

@@ -197,15 +197,8 @@ def _kmeans(points: Points, k: int, cfg: KMeansConfig, rng: np.random.Generator)
     """Seeded Lloyd k-means on all of `points`; centroids in `cfg.dtype`. Points that one rank holds
     alone (at most one block) are fitted by that rank alone, which sends the others the centroids and
     its generator's state: the same fit, without an exchange per step."""
-    holders = np.flatnonzero(points.blocks_per_rank())
-    if points.comm.world > 1 and len(holders) == 1:
-        centroids = None
-        if points.comm.rank == holders[0]:
-            alone = Points(points.source, points.n, points.dim, points.rows, points.first, Comm())
-            centroids = _kmeans(alone, k, cfg, rng)
-        centroids, state = points.comm.broadcast((centroids, rng.bit_generator.state), src=int(holders[0]))
-        rng.bit_generator.state = state
-        return centroids
+    if points.sole_holder() is not None:
+        return points.on_sole_holder(lambda alone: _kmeans(alone, k, cfg, rng), rng)
     k = min(k, points.n)
     if cfg.init == "kmeans++":
         seeds = seed_rows(points, k, rng, cfg.seeding_points_per_cluster)

@@ -11,15 +11,16 @@ it is cut into the same blocks on any world size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
 
 from dinoscale.curation.collective import Comm, block_range, blocks_of
 
+T = TypeVar("T")
 MEANS_CHUNK_ROWS = 2048  # a chunk's scaled copy stays in cache: 3x faster sums than 65536 rows
 
 
@@ -105,6 +106,20 @@ class Points:
         out = np.empty((len(positions), self.dim), dtype=np.float32)
         out[packed[:, 0].astype(np.int64)] = packed[:, 1:]
         return out
+
+    def sole_holder(self) -> int | None:
+        """The rank that holds all the rows when there are several ranks and one holds them all."""
+        holders = np.flatnonzero(self.blocks_per_rank())
+        return int(holders[0]) if self.comm.world > 1 and len(holders) == 1 else None
+
+    def on_sole_holder(self, compute: Callable[["Points"], T], rng: np.random.Generator) -> T:
+        """`compute(points)` run by the sole holder on its rows as a world of its own (no exchange
+        per step), its result sent to every rank, whose generator goes on from the holder's state."""
+        holder = self.sole_holder()
+        result = compute(replace(self, comm=Comm())) if self.comm.rank == holder else None
+        result, state = self.comm.broadcast((result, rng.bit_generator.state), src=holder)
+        rng.bit_generator.state = state
+        return result
 
     def fixed_point_shift(self) -> int:
         """s such that the sum of any of the rows, scaled by 2^s and rounded, fits in an int64."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dinoscale.curation.collective import Comm
 from dinoscale.curation.points import Points, as_points
 from dinoscale.utils.device import autocast_dtype, default_device, torch_threads
 
@@ -65,15 +64,8 @@ def greedy_kmeans_plus_plus(points: Points | np.ndarray, k: int, rng: np.random.
     same either way. Points that one rank holds alone are seeded by that rank alone (the others
     wait for the seeds): the same computation, without an exchange per step."""
     points = as_points(points)
-    holders = np.flatnonzero(points.blocks_per_rank())
-    if points.comm.world > 1 and len(holders) == 1:
-        seeds = None
-        if points.comm.rank == holders[0]:
-            alone = Points(points.source, points.n, points.dim, points.rows, points.first, Comm())
-            seeds = greedy_kmeans_plus_plus(alone, k, rng, screen)
-        seeds, state = points.comm.broadcast((seeds, rng.bit_generator.state), src=int(holders[0]))
-        rng.bit_generator.state = state  # every rank's generator goes on from where the holder's is
-        return seeds
+    if points.sole_holder() is not None:
+        return points.on_sole_holder(lambda alone: greedy_kmeans_plus_plus(alone, k, rng, screen), rng)
     device = default_device()
     # centred (distances are unchanged; the expansion below loses less to rounding) on the same mean everywhere
     x = torch.from_numpy(points.local() - points.mean().astype(np.float32)).to(device)
