@@ -40,7 +40,7 @@ from dinoscale.curation.kmeans import fit_hierarchical_kmeans
 from dinoscale.curation.sampling import hierarchical_sample
 from dinoscale.data.pool import open_pool
 from dinoscale.data.real_images import RealSetSpec, build_real_set, load_real_set
-from dinoscale.demo import normalised_entropy
+from dinoscale.demo.run import normalised_entropy
 
 THRESHOLDS = {
     "descriptor": (0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995),

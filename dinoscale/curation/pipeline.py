@@ -114,6 +114,11 @@ def stage_is_parallel(name: str) -> bool:
     return _stage(name).parallel
 
 
+def stage_is_collective(name: str) -> bool:
+    """Whether stage `name` runs on every rank of a process group, each on its own rows."""
+    return _stage(name).collective
+
+
 def stage_dir(cfg: DictConfig, name: str) -> Path:
     _stage(name)
     return Path(cfg.curation.output_dir) / name

@@ -178,7 +178,7 @@ def submit_curation(cfg: DictConfig, resources: JobResources, n_slices: int, onl
     of `n_slices` one-task slices and a merge that runs after all of them succeeded; consecutive collective
     stages as one job of `resources.nodes` x `resources.tasks` tasks (a process group; one task when that is
     1); the report as one task after the stage before. Slices finished by an earlier submission return at once."""
-    from dinoscale.curation.pipeline import COLLECTIVE_STAGES, stage_is_parallel
+    from dinoscale.curation.pipeline import stage_is_collective, stage_is_parallel
 
     if n_slices < 1:
         raise SlurmError(f"submit curate: --slices must be at least 1, got {n_slices}")
@@ -189,9 +189,11 @@ def submit_curation(cfg: DictConfig, resources: JobResources, n_slices: int, onl
     slices: dict[str, list[submitit.Job]] = {}
     single: dict[str, submitit.Job] = {}
     previous: submitit.Job | None = None
-    for names in _job_groups(stages_to_submit(cfg, only), COLLECTIVE_STAGES if ranks > 1 else ()):
+    stages = stages_to_submit(cfg, only)
+    collective = [name for name in stages if stage_is_collective(name)] if ranks > 1 else []
+    for names in _job_groups(stages, collective):
         name = names[0]
-        if len(names) > 1 or name in COLLECTIVE_STAGES and ranks > 1:
+        if len(names) > 1 or name in collective:
             executor = build_executor(folder, resources, name="dinoscale-curate", check=False)
             previous = submit(executor, CheckpointableCall(curation_collective_task), config_path, names, after=previous)
         elif stage_is_parallel(name) and n_slices > 1:
