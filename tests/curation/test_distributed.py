@@ -19,6 +19,7 @@ import pytest
 
 from dinoscale.curation.collective import Comm, block_range, smallest_in_groups
 from dinoscale.data.synthetic import SyntheticSpec, make_synthetic_pool
+from dinoscale.utils.stages import MARKER
 
 pytestmark = pytest.mark.distributed
 
@@ -115,7 +116,7 @@ def outputs(out: Path) -> dict[str, str]:
     store's files (the same rows, in one file per rank)."""
     skip = ("logs", "report", "embed", "slurm")
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "_SUCCESS.json" and p.relative_to(out).parts[0] not in skip
+            if p.is_file() and p.name != MARKER and p.relative_to(out).parts[0] not in skip
             and not any(part.startswith(".") for part in p.parts)}
 
 
@@ -157,7 +158,7 @@ def test_a_rank_killed_during_a_kmeans_level_resumes_from_the_last_finished_one(
     killed = curate(2, pool, tmp_path / "killed", flags=("--kill-rank", "1", "--at-level", "1"), check=False)
     assert killed.returncode != 0
     levels = tmp_path / "killed" / "kmeans" / "levels"
-    assert (levels / "level_0" / "level.json").exists() and not (levels / "level_1").exists()
+    assert (levels / "level_0" / MARKER).exists() and not (levels / "level_1").exists()
     resumed = curate(2, pool, tmp_path / "killed")
     assert "k-means level 1: loaded from" in resumed.stderr
     assert outputs(tmp_path / "killed") == outputs(tmp_path / "clean")
