@@ -20,6 +20,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms.v2 import InterpolationMode
 
 from dinoscale.data.config import CropsConfig
+from dinoscale.data.crop_sizes import SIZE_KEYS
 from dinoscale.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -138,6 +139,9 @@ class MultiCropAugmentation:
                  std: Sequence[float] = IMAGENET_STD):
         # a plain dataclass: reading a DictConfig node per crop would slow the data loader down
         crops = OmegaConf.to_object(crops) if isinstance(crops, DictConfig) else crops or CropsConfig()
+        if any(isinstance(getattr(crops, key), (list, tuple)) for key in SIZE_KEYS):
+            raise ValueError("MultiCropAugmentation takes one crop-size triple; with lists of crop sizes build one "
+                             "per triple (CropSizePlan.crops_of)")
         self.crops = dataclasses.replace(
             crops, global_crops_scale=_check_scale("global_crops_scale", crops.global_crops_scale),
             local_crops_scale=_check_scale("local_crops_scale", crops.local_crops_scale))

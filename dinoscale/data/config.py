@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, List
 
 from dinoscale.utils.knobs import knob
 
@@ -14,9 +14,15 @@ class CropsConfig:
     global_crops_scale: List[float] = knob([0.32, 1.0], "area range of the global RandomResizedCrop")
     local_crops_number: int = knob(8, "number of local crops", min=0)
     local_crops_scale: List[float] = knob([0.05, 0.32], "area range of the local RandomResizedCrop")
-    global_crops_size: int = knob(224, "global crop side in pixels", min=1)
-    local_crops_size: int = knob(96, "local crop side in pixels", min=1)
-    gram_teacher_crops_size: Optional[int] = knob(None, "DINOv3: extra global crop for the Gram teacher")
+    # int or list (OmegaConf has no int-or-list type); dinoscale.data.crop_sizes checks them
+    global_crops_size: Any = knob(224, "global crop side in pixels, or a list of sides, one per crop-size triple "
+                                       "(DINOv3's mixed resolution)")
+    local_crops_size: Any = knob(96, "local crop side in pixels, or a list, one per crop-size triple")
+    gram_teacher_crops_size: Any = knob(None, "DINOv3: side of the extra global crop for the Gram teacher (null: "
+                                              "none), or a list, one per crop-size triple")
+    global_local_crop_pairs_ratios: Any = knob(1.0, "probability of each (global, local, Gram-teacher) crop-size "
+                                                    "triple: a list when the sizes are lists, summing to 1; each "
+                                                    "step draws one triple for the whole global batch")
     gram_teacher_no_distortions: bool = knob(False, "Gram-teacher crops without photometric distortions")
     localcrops_subset_of_globalcrops: bool = knob(False, "DINOv3: local crops are taken inside the global crops")
     share_color_jitter: bool = knob(False, "DINOv3: one colour jitter for all crops of an image")

@@ -1,7 +1,8 @@
 """Deterministic, resumable streams of training batches over one or more image pools.
 
 The batch of step `t` on rank `r` is a pure function of (seed, t, r): which images (an
-epoch-wise shuffle of each source), how the sources mix, and every augmentation and mask.
+epoch-wise shuffle of each source), how the sources mix, the crop sizes (with mixed resolution,
+one triple for the whole global batch), and every augmentation and mask.
 A run resumed at step t therefore sees exactly the data it would have seen, on any number
 of data-loader workers. Memory stays bounded: the shuffle permutes blocks of consecutive
 items and items inside a block, computed on demand, never a permutation of the whole pool.
@@ -9,6 +10,7 @@ items and items inside a block, computed on demand, never a permutation of the w
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dinoscale.data.augment import MultiCropAugmentation, seeded_generator
 from dinoscale.data.collate import collate_data_and_cast
+from dinoscale.data.crop_sizes import CropSizePlan
 from dinoscale.data.masking import MaskingGenerator
 from dinoscale.data.pool import ImagePool, open_pool
 from dinoscale.errors import ConfigError, DataError
@@ -79,18 +82,23 @@ def allocate(global_batch: int, weights: Sequence[float]) -> list[int]:
 class BatchStream(IterableDataset):
     """Endless batches for one rank starting at `start_step`; a worker takes every W-th step.
 
-    `make_sample(image, generator)` turns an image into a training sample (multi-crop);
-    `collate(samples, generator)` stacks them and draws the masks (the generator is seeded alike
-    on every rank: it plans for the global batch).
+    `make_sample[i](image, generator)` turns an image into a training sample (multi-crop) and
+    `collate[i](samples, generator)` stacks them and draws the masks (the generator is seeded alike
+    on every rank: it plans for the global batch), one pair per crop-size triple `i`;
+    `triple_at(step)` says which triple a step uses (the same on every rank).
     """
 
     def __init__(self, sources: Sequence[Source], batch_size: int, rank: int, world_size: int, seed: int,
-                 start_step: int, make_sample: Callable[[Image.Image, torch.Generator], object],
-                 collate: Callable[[list, torch.Generator], dict], homogeneous_batch_fraction: float = 0.0):
+                 start_step: int, make_sample: Sequence[Callable[[Image.Image, torch.Generator], object]],
+                 collate: Sequence[Callable[[list, torch.Generator], dict]], homogeneous_batch_fraction: float = 0.0,
+                 triple_at: Callable[[int], int] | None = None):
+        if len(make_sample) != len(collate):
+            raise ValueError("give one make_sample and one collate per crop-size triple")
         self.sources = list(sources)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.start_step = seed, start_step
-        self.make_sample, self.collate = make_sample, collate
+        self.make_sample, self.collate = list(make_sample), list(collate)
+        self.triple_at = triple_at
         self.homogeneous_batch_fraction = homogeneous_batch_fraction
         self.global_batch = batch_size * world_size
         self.mixed_counts = allocate(self.global_batch, [s.weight for s in self.sources])
@@ -125,9 +133,11 @@ class BatchStream(IterableDataset):
     def batch(self, step: int) -> dict:
         """Every random draw is keyed by the step and the sample's global position, so the
         global batch is the same whatever the number of ranks."""
-        samples = [self.make_sample(self._load(source, item), seeded_generator(self.seed, step, 1, position))
+        triple = self.triple_at(step) if self.triple_at is not None else 0
+        make_sample, collate = self.make_sample[triple], self.collate[triple]
+        samples = [make_sample(self._load(source, item), seeded_generator(self.seed, step, 1, position))
                    for source, item, position in self.step_items(step)]
-        out = self.collate(samples, seeded_generator(self.seed, step, 2))
+        out = collate(samples, seeded_generator(self.seed, step, 2))
         out["step"] = step
         return out
 
@@ -157,10 +167,19 @@ def training_sources(cfg: Config) -> list[Source]:
 
 def build_stream(cfg: Config, rank: int, world_size: int, start_step: int) -> BatchStream:
     """The training stream of a dinoscale config (its `train`, `crops` and `ibot` sections, the patch
-    size and the seed) for one rank, from `start_step` on."""
-    augment = MultiCropAugmentation(cfg.crops, cfg.student.patch_size)
-    # iBOT masks on the global crops' patch grid, in blocks of up to half of it
-    side = cfg.crops.global_crops_size // cfg.student.patch_size
+    size and the seed) for one rank, from `start_step` on: one augmentation and one mask generator
+    per crop-size triple."""
+    patch_size = cfg.student.patch_size
+    plan = CropSizePlan.from_config(cfg.crops, patch_size)
+    augments = [MultiCropAugmentation(plan.crops_of(cfg.crops, i), patch_size) for i in range(len(plan))]
+    collates = [_collate_for(cfg, triple.global_crops_size // patch_size, rank, world_size) for triple in plan.triples]
+    return BatchStream(training_sources(cfg), cfg.train.batch_size_per_gpu, rank, world_size, cfg.seed, start_step,
+                       augments, collates, cfg.train.homogeneous_batch_fraction,
+                       triple_at=functools.partial(plan.index_at, cfg.seed))
+
+
+def _collate_for(cfg: Config, side: int, rank: int, world_size: int) -> Callable[[list, torch.Generator], dict]:
+    """Collate with iBOT masks on a side x side patch grid (the global crops'), in blocks of up to half of it."""
     mask_generator = MaskingGenerator((side, side), max_num_patches=0.5 * side * side,
                                       min_num_patches=cfg.ibot.mask_min_num_patches, min_aspect=cfg.ibot.mask_min_aspect)
 
@@ -168,5 +187,4 @@ def build_stream(cfg: Config, rank: int, world_size: int, start_step: int) -> Ba
         return collate_data_and_cast(samples, cfg.ibot.mask_ratio_min_max, cfg.ibot.mask_sample_probability,
                                      mask_generator, generator, rank=rank, world_size=world_size)
 
-    return BatchStream(training_sources(cfg), cfg.train.batch_size_per_gpu, rank, world_size, cfg.seed, start_step,
-                       augment, collate, cfg.train.homogeneous_batch_fraction)
+    return collate

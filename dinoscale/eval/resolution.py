@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dinoscale.data.config import CropsConfig
+from dinoscale.data.crop_sizes import training_image_size
 from dinoscale.eval.config import EvalConfig
 from dinoscale.eval.features import describe_resize
 from dinoscale.models.loading import read_training_record
@@ -50,9 +51,10 @@ def trained_resolution(weights: str | os.PathLike) -> tuple[int, str] | None:
     config = run_config_of(weights)
     if config is not None:
         data = OmegaConf.load(config)
-        size = OmegaConf.select(data, "crops.global_crops_size") if isinstance(data, DictConfig) else None
-        if isinstance(size, int) and size > 0:
-            return int(size), f"the training resolution, crops.global_crops_size in {config}"
+        crops = OmegaConf.select(data, "crops") if isinstance(data, DictConfig) else None
+        size = training_image_size(crops) if crops is not None and "global_crops_size" in crops else None
+        if size:
+            return size, f"the training resolution, crops.global_crops_size in {config}"
     return None
 
 
@@ -75,5 +77,6 @@ def with_image_size(eval_cfg: EvalConfig, image_size: int) -> EvalConfig:
 
 
 def at_training_resolution(eval_cfg: EvalConfig, crops: CropsConfig) -> EvalConfig:
-    """The `eval` section of a training config, at crops.global_crops_size unless eval.image_size is set."""
-    return with_image_size(eval_cfg, eval_cfg.image_size or crops.global_crops_size)
+    """The `eval` section of a training config, at crops.global_crops_size (the largest, with mixed
+    resolution) unless eval.image_size is set."""
+    return with_image_size(eval_cfg, eval_cfg.image_size or training_image_size(crops))

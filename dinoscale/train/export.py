@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from dinoscale.config import load_config
 from dinoscale.data.config import CropsConfig
+from dinoscale.data.crop_sizes import largest_crop_size, training_image_size
 from dinoscale.errors import CheckpointError
 from dinoscale.models.loading import meta_backbone, save_backbone
 from dinoscale.models.vit import VisionTransformer
@@ -44,8 +45,9 @@ def export_teacher(model: SSLMetaArch, path: Path, is_main: bool) -> None:
 
 
 def training_record(crops: CropsConfig) -> dict[str, int]:
-    """What an export records of its training: the crop sizes (evaluation defaults to the global one)."""
-    return {"global_crops_size": crops.global_crops_size, "local_crops_size": crops.local_crops_size}
+    """What an export records of its training: the crop sizes (evaluation defaults to the global one), the
+    largest of each with mixed resolution (the resolution the run adapted the model to)."""
+    return {"global_crops_size": training_image_size(crops), "local_crops_size": largest_crop_size(crops.local_crops_size)}
 
 
 def export_run(run_dir: str | Path, out: str | Path) -> Path:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from dinoscale.data.augment import derive_seed
+from dinoscale.data.crop_sizes import CropSizePlan
 from dinoscale.data.stream import build_stream, make_loader
 from dinoscale.distributed import DistInfo, barrier, process_group
 from dinoscale.errors import DinoscaleError
@@ -59,6 +60,16 @@ def _mean_across_ranks(metrics: dict[str, float]) -> dict[str, float]:
     values = torch.tensor([metrics[n] for n in names], dtype=torch.float64)
     dist.all_reduce(values)
     return dict(zip(names, (values / dist.get_world_size()).tolist()))
+
+
+def crop_sizes_of(batch: dict) -> dict[str, int]:
+    """The crop sides of a batch (with mixed resolution, the triple its step drew)."""
+    sizes = {"global_crops_size": batch["collated_global_crops"].shape[-1]}
+    if batch["collated_local_crops"].numel():
+        sizes["local_crops_size"] = batch["collated_local_crops"].shape[-1]
+    if "collated_gram_teacher_crops" in batch:
+        sizes["gram_teacher_crops_size"] = batch["collated_gram_teacher_crops"].shape[-1]
+    return sizes
 
 
 def total_iterations(cfg: DictConfig) -> int:
@@ -98,6 +109,7 @@ def train(cfg: DictConfig) -> Path | None:
 
 
 def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
+    CropSizePlan.from_config(cfg.crops, cfg.student.patch_size)  # bad crop sizes stop the run before any work
     run_dir = Path(cfg.train.output_dir)
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +158,7 @@ def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
             # cpu_seconds / seconds: how many cores the step kept busy (data-loader workers not counted)
             metrics.update(seconds=seconds, data_seconds=data_seconds, cpu_seconds=time.process_time() - cpu_start,
                            images_per_s=global_batch / seconds, peak_flops=peak_flops, mfu=flops / seconds / peak_flops,
-                           peak_memory_mb=peak_memory_mb(dist_info.device),
+                           peak_memory_mb=peak_memory_mb(dist_info.device), **crop_sizes_of(batch),
                            **speed.add(global_batch, seconds, data_seconds, flops, peak_flops))
             if online_eval.due(iteration):
                 metrics.update(online_eval(teacher_backbone(model), iteration))

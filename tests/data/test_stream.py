@@ -32,7 +32,7 @@ def stack(samples, generator):
 
 def _stream(pools, rank=0, world=1, start=0, batch=4, weights=(1.0,), homogeneous=0.0):
     sources = [Source(p, w) for p, w in zip(pools, weights)]
-    return BatchStream(sources, batch, rank, world, seed=3, start_step=start, make_sample=identify, collate=stack,
+    return BatchStream(sources, batch, rank, world, seed=3, start_step=start, make_sample=[identify], collate=[stack],
                        homogeneous_batch_fraction=homogeneous)
 
 
