@@ -104,12 +104,12 @@ def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, schedules: 
 def train(cfg: DictConfig) -> Path | None:
     """Train (or resume) the run in cfg.train.output_dir; returns the exported teacher's path,
     or None when a signal stopped the run before the end (after writing a checkpoint)."""
+    CropSizePlan.from_config(cfg.crops, cfg.student.patch_size)  # bad crop sizes stop the run before any work
     with process_group() as dist_info:
         return _train(cfg, dist_info)
 
 
 def _train(cfg: DictConfig, dist_info: DistInfo) -> Path | None:
-    CropSizePlan.from_config(cfg.crops, cfg.student.patch_size)  # bad crop sizes stop the run before any work
     run_dir = Path(cfg.train.output_dir)
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
