@@ -181,7 +181,8 @@ def build_stream(cfg: Config, rank: int, world_size: int, start_step: int) -> Ba
 def _collate_for(cfg: Config, side: int, rank: int, world_size: int) -> Callable[[list, torch.Generator], dict]:
     """Collate with iBOT masks on a side x side patch grid (the global crops'), in blocks of up to half of it."""
     mask_generator = MaskingGenerator((side, side), max_num_patches=0.5 * side * side,
-                                      min_num_patches=cfg.ibot.mask_min_num_patches, min_aspect=cfg.ibot.mask_min_aspect)
+                                      min_num_patches=cfg.ibot.mask_min_num_patches,
+                                      min_aspect=cfg.ibot.mask_min_aspect)
 
     def collate(samples: list, generator: torch.Generator) -> dict:
         return collate_data_and_cast(samples, cfg.ibot.mask_ratio_min_max, cfg.ibot.mask_sample_probability,

@@ -47,7 +47,8 @@ def export_teacher(model: SSLMetaArch, path: Path, is_main: bool) -> None:
 def training_record(crops: CropsConfig) -> dict[str, int]:
     """What an export records of its training: the crop sizes (evaluation defaults to the global one), the
     largest of each with mixed resolution (the resolution the run adapted the model to)."""
-    return {"global_crops_size": training_image_size(crops), "local_crops_size": largest_crop_size(crops.local_crops_size)}
+    return {"global_crops_size": training_image_size(crops),
+            "local_crops_size": largest_crop_size(crops.local_crops_size)}
 
 
 def export_run(run_dir: str | Path, out: str | Path) -> Path:

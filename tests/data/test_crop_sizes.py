@@ -36,8 +36,8 @@ def _sizes(batch):
 
 
 def test_a_single_size_is_one_triple_used_at_every_step():
-    plan = CropSizePlan.from_config(load_config(None, ["crops.global_crops_size=32", "crops.local_crops_size=16"]).crops,
-                                    patch_size=16)
+    crops = load_config(None, ["crops.global_crops_size=32", "crops.local_crops_size=16"]).crops
+    plan = CropSizePlan.from_config(crops, patch_size=16)
     assert plan.triples == (CropSizes(32, 16, None),) and plan.ratios == (1.0,)
     assert {plan.index_at(seed, step) for seed in range(3) for step in range(100)} == {0}
 

@@ -30,8 +30,8 @@ def workdir(tmp_path_factory):
 
 def _overrides(workdir, run, *extra):
     # a given peak skips the start-up matmul measurement (MFU is not what these tests check)
-    return [f"train.dataset_path={workdir / 'data' / 'pool'}", f"train.output_dir={workdir / run}", "train.peak_flops=1e11",
-            *extra]
+    return [f"train.dataset_path={workdir / 'data' / 'pool'}", f"train.output_dir={workdir / run}",
+            "train.peak_flops=1e11", *extra]
 
 
 def _cli(workdir, run, *extra, nproc=1):
