@@ -1,6 +1,6 @@
 """The `student.*` section of the config, derived from `BackboneSpec`'s fields (declared once, in
-dinoscale/models/spec.py) plus `pretrained_weights`. `arch` names a preset; a field left null
-takes the preset's value (dinoscale/models/presets.py)."""
+dinoscale/models/spec.py) plus the weights to start from (`pretrained_weights`, `resume_from_teacher_chkpt`).
+`arch` names a preset; a field left null takes the preset's value (dinoscale/models/presets.py)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ def _student_fields() -> list[tuple[str, Any, Any]]:
 StudentConfig = dataclasses.make_dataclass(
     "StudentConfig",
     [*_student_fields(),
-     ("pretrained_weights", str, knob("", "official DINOv2/DINOv3 or dinoscale backbone file to start from"))])
+     ("pretrained_weights", str, knob("", "official DINOv2/DINOv3 or dinoscale backbone file to start from")),
+     ("resume_from_teacher_chkpt", str, knob("", "a teacher with its DINO/iBOT heads to continue from (high-resolution "
+                                                 "adaptation): a dinoscale run directory (its latest checkpoint) or a "
+                                                 "file in the reference's {'teacher': {...}} layout"))])
 StudentConfig.__module__ = __name__
 StudentConfig.__doc__ = "The backbone: BackboneSpec's fields (null: the preset's value) and the weights to start from."

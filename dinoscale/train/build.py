@@ -4,7 +4,8 @@ The student, EMA teacher and Gram teacher are created on the meta device, sharde
 (`parallelize`), allocated shard by shard (`to_empty`) and initialised by replaying eager
 construction one module at a time (`dinoscale.models.init.materialize`): the weights equal those
 of `torch.manual_seed(cfg.seed); SSLMetaArch(cfg)` on any number of ranks. Pretrained backbone
-weights are read by rank 0 alone and broadcast into the shards.
+weights are read by rank 0 alone and broadcast into the shards; a teacher with its heads
+(`student.resume_from_teacher_chkpt`) by `dinoscale.train.teacher_weights`.
 
 Peak host memory per rank: the shards of the three branches, plus the full tensors of one module
 (the largest is a block's feed-forward matrix or a head's prototype layer) — and, on rank 0 with
@@ -20,12 +21,13 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from dinoscale.errors import DinoscaleError
+from dinoscale.errors import ConfigError, DinoscaleError
 from dinoscale.models.init import eager_init_steps, materialize, run_steps
 from dinoscale.models.loading import load_backbone
 from dinoscale.train.optim import build_optimizer
 from dinoscale.train.parallel import parallelize
 from dinoscale.train.ssl import BRANCHES, SSLMetaArch, copy_weights, student_init_steps
+from dinoscale.train.teacher_weights import load_teacher_with_heads
 from dinoscale.utils.device import autocast_dtype
 from dinoscale.utils.logging import get_logger
 
@@ -35,6 +37,9 @@ log = get_logger(__name__)
 def build_sharded_model(cfg: DictConfig, device: torch.device, world_size: int) -> SSLMetaArch:
     """The SSL model sharded over the process group (compute dtype, activation checkpointing and
     compile as configured), initialised as eager construction would, pretrained weights loaded."""
+    if cfg.student.pretrained_weights and cfg.student.resume_from_teacher_chkpt:
+        raise ConfigError("set student.pretrained_weights (a backbone, fresh heads) or "
+                          "student.resume_from_teacher_chkpt (a teacher with its heads), not both")
     with torch.device("meta"):
         model = SSLMetaArch(cfg)
     source = copy.deepcopy(model.student)  # stays on meta: the init steps run on it module by module
@@ -49,6 +54,8 @@ def build_sharded_model(cfg: DictConfig, device: torch.device, world_size: int) 
             run_steps(eager_init_steps(child))
     if cfg.student.pretrained_weights:
         load_pretrained_backbone(model, cfg.student.pretrained_weights)
+    if cfg.student.resume_from_teacher_chkpt:
+        load_teacher_with_heads(model, cfg.student.resume_from_teacher_chkpt)
     return model
 
 
