@@ -17,15 +17,13 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from dinoscale.errors import ConfigError, DinoscaleError
+from dinoscale.errors import ConfigError
 from dinoscale.models.init import eager_init_steps, materialize, run_steps
 from dinoscale.models.loading import load_backbone
 from dinoscale.train.optim import build_optimizer
-from dinoscale.train.parallel import parallelize
+from dinoscale.train.parallel import fill_from_rank0, parallelize
 from dinoscale.train.ssl import BRANCHES, SSLMetaArch, copy_weights, student_init_steps
 from dinoscale.train.teacher_weights import load_teacher_with_heads
 from dinoscale.utils.device import autocast_dtype
@@ -69,18 +67,7 @@ def build_model(cfg: DictConfig, device: torch.device, world_size: int) -> tuple
 def load_pretrained_backbone(model: SSLMetaArch, path: str) -> None:
     """Continued pretraining: official DINOv2/DINOv3 (or exported) backbone weights into the student
     and both teachers (fresh heads). Rank 0 reads the file; the shards are filled by broadcast."""
-    full, error = {}, None
-    if dist.get_rank() == 0:
-        try:
-            full = load_backbone(path, arch=model.student.backbone.spec).state_dict()
-        except DinoscaleError as err:  # every rank raises it, rather than waiting for the broadcast
-            error = err
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise box[0]
-    set_model_state_dict(model.student.backbone, full,
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
+    fill_from_rank0(model.student.backbone, lambda: load_backbone(path, arch=model.student.backbone.spec).state_dict())
     for branch in model.branches()[1:]:
         copy_weights(model.student.backbone, branch.backbone)
     log.info("initialised student and teachers from %s", path)

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from dinoscale.errors import DinoscaleError
 
 # The backbone returns DINOv2's feature dict, whose tokens are slices (views) of one tensor. FSDP2
 # warns on every such output that an in-place op on it would skip the pre-backward hook; the SSL
@@ -117,6 +121,24 @@ def parallelize(branches: Iterable[nn.ModuleDict], device: torch.device, world_s
                 # a root FSDP module stays gathered after forward (it expects a backward); the
                 # teachers never run one, so they reshard at once (and the EMA sees shards)
                 module.register_forward_hook(lambda mod, args, out: mod.reshard())
+
+
+def fill_from_rank0(module: nn.Module, read_full_state: Callable[[], dict[str, torch.Tensor]]) -> None:
+    """Fill a sharded module with a full state dict that rank 0 alone reads (`read_full_state`); the
+    shards are filled by broadcast. A DinoscaleError on rank 0 is raised on every rank, rather than
+    leaving the others waiting for the broadcast."""
+    full, error = {}, None
+    if dist.get_rank() == 0:
+        try:
+            full = read_full_state()
+        except DinoscaleError as err:
+            error = err
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise box[0]
+    set_model_state_dict(module, full,
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-from dinoscale.errors import CheckpointError, DinoscaleError
+from dinoscale.errors import CheckpointError
 from dinoscale.train.checkpoint import latest_checkpoint
+from dinoscale.train.parallel import fill_from_rank0
 from dinoscale.train.ssl import SSLMetaArch, copy_weights
 from dinoscale.utils.logging import get_logger
 
@@ -46,9 +46,9 @@ def _load_from_run(model: SSLMetaArch, run_dir: Path) -> None:
         raise CheckpointError(f"student.resume_from_teacher_chkpt = {run_dir} holds no checkpoint "
                               "(expected checkpoints/step_*); give a training run directory or a teacher file")
     state = get_model_state_dict(model.student)
-    # the run's teacher entries, read straight into the student's shards
+    teacher_entries = {f"teacher.{name}": tensor for name, tensor in state.items()}  # read into the student's shards
     try:
-        dcp.load({"model": {f"teacher.{name}": tensor for name, tensor in state.items()}}, checkpoint_id=str(checkpoint))
+        dcp.load({"model": teacher_entries}, checkpoint_id=str(checkpoint))
     except Exception as err:  # DCP raises several types for a missing or mis-shaped entry
         raise CheckpointError(f"{checkpoint} does not hold a teacher of this model (backbone and heads as "
                               f"student.*, dino.head_* and ibot.head_* say): {_first_line(err)}") from None
@@ -56,18 +56,8 @@ def _load_from_run(model: SSLMetaArch, run_dir: Path) -> None:
 
 
 def _load_from_file(model: SSLMetaArch, path: str) -> None:
-    full, error = {}, None
-    if dist.get_rank() == 0:
-        try:
-            full = _teacher_entries(path, {k: tuple(v.shape) for k, v in model.student.state_dict().items()})
-        except DinoscaleError as err:  # every rank raises it, rather than waiting for the broadcast
-            error = err
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise box[0]
-    set_model_state_dict(model.student, full,
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.student.state_dict().items()}
+    fill_from_rank0(model.student, lambda: _teacher_entries(path, shapes))
 
 
 def _teacher_entries(path: str, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
