@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
 
 from dinoscale.errors import DinoscaleError
 from dinoscale.models.init import eager_init_steps, materialize, run_steps
@@ -32,15 +33,17 @@ from dinoscale.utils.logging import get_logger
 log = get_logger(__name__)
 
 
-def build_sharded_model(cfg: DictConfig, device: torch.device, world_size: int) -> SSLMetaArch:
-    """The SSL model sharded over the process group (compute dtype, activation checkpointing and
-    compile as configured), initialised as eager construction would, pretrained weights loaded."""
+def build_sharded_model(cfg: DictConfig, device: torch.device, world_size: int,
+                        mesh: DeviceMesh | None = None) -> SSLMetaArch:
+    """The SSL model sharded over the process group, or over `mesh` (compute dtype, activation
+    checkpointing and compile as configured), initialised as eager construction would, pretrained
+    weights loaded."""
     with torch.device("meta"):
         model = SSLMetaArch(cfg)
     source = copy.deepcopy(model.student)  # stays on meta: the init steps run on it module by module
     compute_dtype = autocast_dtype(device, cfg.train.mixed_precision) or torch.float32
     parallelize(model.branches(), device, world_size, compute_dtype, cfg.train.activation_checkpointing,
-                cfg.train.compile, checkpointed=[model.student])
+                cfg.train.compile, checkpointed=[model.student], mesh=mesh)
     model.to_empty(device=device)
     torch.manual_seed(cfg.seed)
     materialize(source, student_init_steps(source), model.branches())
@@ -52,9 +55,10 @@ def build_sharded_model(cfg: DictConfig, device: torch.device, world_size: int) 
     return model
 
 
-def build_model(cfg: DictConfig, device: torch.device, world_size: int) -> tuple[SSLMetaArch, torch.optim.AdamW]:
+def build_model(cfg: DictConfig, device: torch.device, world_size: int,
+                mesh: DeviceMesh | None = None) -> tuple[SSLMetaArch, torch.optim.AdamW]:
     """The sharded SSL model and its optimizer."""
-    model = build_sharded_model(cfg, device, world_size)
+    model = build_sharded_model(cfg, device, world_size, mesh)
     return model, build_optimizer(model.student, cfg.optim)
 
 
