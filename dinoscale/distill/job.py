@@ -28,7 +28,8 @@ from dinoscale.distill.teacher import FrozenTeacher
 from dinoscale.distributed import DistInfo, barrier, process_group
 from dinoscale.train.build import build_model
 from dinoscale.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
-from dinoscale.train.export import export_teacher
+from dinoscale.models.loading import save_backbone
+from dinoscale.train.export import gathered_teacher_weights, training_record
 from dinoscale.train.metrics import MetricsLogger
 from dinoscale.train.schedules import build_schedules
 from dinoscale.train.trainer import total_iterations
@@ -109,8 +110,13 @@ class DistillJob:
                         self.cfg.train.keep_last_checkpoints, self.group)
 
     def export(self) -> Path:
+        """The student's EMA backbone in the official key layout, written by the group's first rank."""
         path = self.run_dir / EXPORT_NAME
-        export_teacher(self.model, path, self.group_rank == 0)
+        # gathered on every rank of the group: torch's cpu_offload gathers onto global rank 0 only
+        full = gathered_teacher_weights(self.model)
+        if self.group_rank == 0:
+            save_backbone(self.model.teacher.backbone, path, state_dict=full,
+                          training=training_record(self.student.cfg.crops))
         return path
 
 

@@ -51,7 +51,8 @@ def torchrun(nproc: int, *args: str, script: str | None = None, wait: bool = Tru
                *target, *args]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     if not wait:
-        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
