@@ -110,6 +110,35 @@ def dry_run_train(cfg: DictConfig, resources: JobResources) -> str:
     return dry_run_script(executor, CheckpointableCall(train_task), str(train_folder(cfg) / CONFIG_NAME))
 
 
+# ----------------------------------------------------------------------------- distillation
+
+
+def distill_task(config_path: str) -> dict[str, str] | None:
+    """One task of a distillation job (as `train_task`): every student's export, or no result when a
+    signal stopped the job after its checkpoints."""
+    from dinoscale.config import load_config
+    from dinoscale.distill.job import distill
+
+    os.environ.update(distributed_env_from_slurm().torch_env())
+    exports = distill(load_config(config_path))
+    if exports is None:
+        raise SystemExit(0)
+    return {name: str(path) for name, path in exports.items()}
+
+
+def submit_distill(cfg: DictConfig, resources: JobResources) -> submitit.Job:
+    """Submit `distill(cfg)` as one checkpointable job; its tasks are the ranks the students' groups cover."""
+    folder = train_folder(cfg)
+    executor = build_executor(folder, resources, name="dinoscale-distill")
+    return submit(executor, CheckpointableCall(distill_task), str(_save_config(cfg, folder)))
+
+
+def dry_run_distill(cfg: DictConfig, resources: JobResources) -> str:
+    """The sbatch script `submit_distill` would submit; nothing is written or submitted."""
+    executor = build_executor(train_folder(cfg), resources, name="dinoscale-distill", check=False)
+    return dry_run_script(executor, CheckpointableCall(distill_task), str(train_folder(cfg) / CONFIG_NAME))
+
+
 # ----------------------------------------------------------------------------- curation
 
 
