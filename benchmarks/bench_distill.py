@@ -45,7 +45,7 @@ def run(root: Path, teacher_iterations: int, student_iterations: int, pool_image
     data = root / "data"
     if not (data / "eval_test").exists():
         make_synthetic_pool(data, SyntheticSpec(n_images=pool_images, image_size=64))
-    common = [f"train.dataset_path={data / 'pool'}", "train.num_workers=0", "train.log_period_iterations=100"]
+    common = [f"train.dataset_path={data / 'pool'}", "train.log_period_iterations=100"]
     teacher_cfg = load_config(PRESET, [*common, f"train.output_dir={root / 'teacher'}",
                                        f"train.iterations={teacher_iterations}"])
     teacher_export, teacher_seconds = _timed(lambda: train(teacher_cfg))

@@ -39,6 +39,7 @@ def dry_run(cfg: DictConfig, world_size: int | None = None) -> str:
             f"{student.ranks[0]}-{student.ranks[-1]} ({len(student.ranks)}), {plan.global_batch // len(student.ranks)} "
             f"images per rank, {memory['per_rank_gib'] + teacher_gib:.2f} GiB per rank "
             f"(weights, gradients and AdamW {memory['student_params_grads_adamw_gib']:.2f}, EMA "
-            f"{memory['teachers_gib']:.2f}, teacher shard {teacher_gib:.2f}; activations not counted) "
+            f"{memory['teachers_gib']:.2f}, teacher shard {teacher_gib:.2f}, largest module built at once "
+            f"{memory['largest_materialised_module_gib']:.2f}; activations not counted) "
             f"-> {student.cfg.train.output_dir}")
     return "\n".join(lines)
