@@ -1,25 +1,17 @@
 """One distillation step of a student: the student's pass over its share of the global batch, DINO +
 iBOT + KoLeo against the frozen teacher's targets (the SSL model's own loss terms and weights),
-AdamW and the student's EMA. The EMA (the SSL model's `teacher` branch) is what gets exported."""
+AdamW and the student's EMA (`teacher_momentum` in the metrics). The EMA, the SSL model's `teacher`
+branch, is what gets exported."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.distributed as dist
 
-from dinoscale.train.optim import apply_schedules, clip_gradients
+from dinoscale.train.optim import apply_schedules
 from dinoscale.train.schedules import Schedules
 from dinoscale.train.ssl import SSLMetaArch
-from dinoscale.train.trainer import NonFiniteLossError
-
-
-def _mean_over(metrics: dict[str, float], group: dist.ProcessGroup) -> dict[str, float]:
-    names = sorted(metrics)
-    values = torch.tensor([metrics[n] for n in names], dtype=torch.float64)
-    dist.all_reduce(values, group=group)
-    return dict(zip(names, (values / dist.get_world_size(group)).tolist()))
+from dinoscale.train.trainer import finish_step
 
 
 def student_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, schedules: Schedules, batch: dict,
@@ -38,14 +30,4 @@ def student_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, schedules
     total.backward()
     metrics = dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).tolist()))
     metrics["total_loss"] = float(total.detach())
-    metrics = _mean_over(metrics, group)
-    bad_terms = [name for name, value in metrics.items() if not math.isfinite(value)]
-    if bad_terms:
-        raise NonFiniteLossError(f"{', '.join(bad_terms)} became non-finite at iteration {iteration}")
-    norms = clip_gradients(model.student, clip_grad)
-    optimizer.step()
-    momentum = schedules.teacher_momentum(iteration)
-    model.update_teacher(momentum)
-    metrics.update(scheduled, iteration=iteration, ema_momentum=momentum,
-                   **{f"grad_norm_{name}": value for name, value in norms.items()})
-    return metrics
+    return finish_step(model, optimizer, schedules, metrics, scheduled, iteration, clip_grad, group)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dinoscale.slurm.commands import (JobResources, dry_run_curation, dry_run_distill, dry_run_eval, dry_run_train,
-                                    follow_hint, submit_curation, submit_distill, submit_eval, submit_train)
+from dinoscale.slurm.commands import (JobResources, distill_task, dry_run_curation, dry_run_eval, dry_run_train,
+                                    follow_hint, submit_curation, submit_eval, submit_train, train_task)
 from dinoscale.slurm.wait import wait_for
 
 
@@ -26,34 +26,30 @@ def _wait(args: argparse.Namespace, jobs: Any) -> Any:
     return wait_for(jobs)
 
 
-def cmd_submit_train(args: argparse.Namespace) -> None:
+def _submit_run(args: argparse.Namespace, task: Any, name: str) -> Any:
+    """Submit (or with --dry-run print) a job running `task` on the config; the first task's result
+    once it has finished, None when not waiting or on a dry run."""
     from dinoscale.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        print(dry_run_train(cfg, _resources(args)), end="")
-        return
-    job = submit_train(cfg, _resources(args))
+        print(dry_run_train(cfg, _resources(args), task, name), end="")
+        return None
+    job = submit_train(cfg, _resources(args), task, name)
     print(follow_hint(job), flush=True)
     results = _wait(args, job)
-    if results is not None:
-        print(f"teacher backbone exported to {results[0] if isinstance(results, list) else results}")
+    return results[0] if isinstance(results, list) else results
+
+
+def cmd_submit_train(args: argparse.Namespace) -> None:
+    exported = _submit_run(args, train_task, "dinoscale-train")
+    if exported is not None:
+        print(f"teacher backbone exported to {exported}")
 
 
 def cmd_submit_distill(args: argparse.Namespace) -> None:
-    from dinoscale.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    if args.dry_run:
-        print(dry_run_distill(cfg, _resources(args)), end="")
-        return
-    job = submit_distill(cfg, _resources(args))
-    print(follow_hint(job), flush=True)
-    results = _wait(args, job)
-    if results is not None:
-        exports = results[0] if isinstance(results, list) else results
-        for name, path in exports.items():
-            print(f"student {name} exported to {path}")
+    for name, path in (_submit_run(args, distill_task, "dinoscale-distill") or {}).items():
+        print(f"student {name} exported to {path}")
 
 
 def cmd_submit_curate(args: argparse.Namespace) -> None:

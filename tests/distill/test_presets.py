@@ -2,6 +2,9 @@
 (dinov3/configs/train/dinov3_vitl16_lvd1689m_distilled.yaml), both plan and dry-run against a
 teacher run of the matching architecture."""
 
+import shutil
+
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
@@ -69,3 +72,13 @@ def test_tiny_preset_plans_and_dry_runs_from_the_cli(tmp_path, capsys):
     assert main(["distill", "distill/tiny", f"distill.teacher={teacher}", "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 3 and out[1].startswith("student vit32: vit_small") and "ranks 1-1 (1), 64 images per rank" in out[2]
+
+
+@pytest.mark.skipif(shutil.which("srun") is None, reason="SLURM client tools not installed")
+def test_submit_distill_dry_run_prints_one_job_of_all_ranks(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    assert main(["submit", "distill", "distill/tiny", f"train.output_dir={out_dir}", "--tasks-per-node", "2",
+                 "--dry-run"]) == 0
+    script = capsys.readouterr().out.splitlines()
+    assert "#SBATCH --job-name=dinoscale-distill" in script and "#SBATCH --ntasks-per-node=2" in script
+    assert not out_dir.exists(), "a dry run writes nothing"
