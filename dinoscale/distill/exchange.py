@@ -1,10 +1,13 @@
 """Sharing out the global batch: each rank holds the crops, masks and teacher targets of its
 teacher share of the images and needs those of its student share (`DistillPlan`). One
 `all_to_all` per tensor moves every image's rows from the rank that loaded it to every rank that
-trains on it, so no rank ever holds more than its own two shares.
+trains on it, so no rank ever holds more than its own two shares. The tensors stay on the device the
+backend needs (NCCL: CUDA, gloo: CPU).
 """
 
 from __future__ import annotations
+
+from itertools import accumulate
 
 import torch
 import torch.distributed as dist
@@ -34,24 +37,24 @@ class BatchRouting:
 
     def images(self, rows: Tensor) -> Tensor:
         """Per-image rows [teacher share, ...] -> [student share, ...] (the global batch's order)."""
-        index = torch.tensor([i for per_rank in self.sent for i in per_rank], dtype=torch.long)
+        index = torch.tensor([i for per_rank in self.sent for i in per_rank], dtype=torch.long, device=rows.device)
         return _all_to_all(rows.index_select(0, index), [len(s) for s in self.sent], self.received)
 
     def image_runs(self, rows: Tensor, rows_per_image: Tensor, received_rows_per_image: Tensor) -> Tensor:
         """Rows that come in runs of `rows_per_image[i]` for image i of the teacher share, in image
         order -> the runs of the student share's images (`received_rows_per_image` of them each)."""
-        starts = torch.cumsum(rows_per_image, 0) - rows_per_image
-        pieces, send_counts = [], []
+        counts = rows_per_image.tolist()
+        starts = list(accumulate(counts, initial=0))
+        index, send_counts = [], []
         for per_rank in self.sent:
-            runs = [torch.arange(int(starts[i]), int(starts[i] + rows_per_image[i])) for i in per_rank]
-            pieces += runs
-            send_counts.append(sum(len(r) for r in runs))
-        index = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
-        offsets = [0]
-        for count in self.received:
-            offsets.append(offsets[-1] + count)
-        recv_counts = [int(received_rows_per_image[a:b].sum()) for a, b in zip(offsets, offsets[1:])]
-        return _all_to_all(rows.index_select(0, index), send_counts, recv_counts)
+            runs = [j for i in per_rank for j in range(starts[i], starts[i] + counts[i])]
+            index += runs
+            send_counts.append(len(runs))
+        received = received_rows_per_image.tolist()
+        offsets = list(accumulate(self.received, initial=0))
+        recv_counts = [sum(received[a:b]) for a, b in zip(offsets, offsets[1:])]
+        index_tensor = torch.tensor(index, dtype=torch.long, device=rows.device)
+        return _all_to_all(rows.index_select(0, index_tensor), send_counts, recv_counts)
 
     def student_batch(self, batch: dict, cls_targets: Tensor, patch_targets: Tensor) -> dict:
         """The student share's batch (crops, masks and their derived entries, crop-major as the data
@@ -68,8 +71,9 @@ class BatchRouting:
         patch_rows = self.image_runs(patch_targets[by_image], rows_per_image, received_per_crop.sum(1))
         # back to crop-major: key (crop, image) of every received row, in its image-major order
         n_wanted = len(self.wanted)
-        keys = torch.arange(N_GLOBAL_CROPS).repeat(n_wanted) * n_wanted + torch.arange(n_wanted).repeat_interleave(
-            N_GLOBAL_CROPS)
+        device = masks.device
+        keys = (torch.arange(N_GLOBAL_CROPS, device=device).repeat(n_wanted) * n_wanted
+                + torch.arange(n_wanted, device=device).repeat_interleave(N_GLOBAL_CROPS))
         row_keys = keys.repeat_interleave(received_per_crop.flatten())
         patch_rows = patch_rows[torch.argsort(row_keys, stable=True)]
 

@@ -89,14 +89,12 @@ class DistillJob:
 
     def step(self, batch: dict, iteration: int) -> dict[str, float]:
         """Teacher targets on this rank's images, shared out, one step of this rank's student."""
-        device = self.info.device
+        batch = {k: v.to(self.info.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         teacher_temp = self.schedules.teacher_temperature(iteration)
         with self.autocast:
-            cls_targets, patch_targets = self.teacher.targets(batch["collated_global_crops"].to(device),
-                                                              batch["mask_indices_list"].to(device), teacher_temp)
-        mine = self.routing.student_batch({k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()},
-                                          cls_targets.cpu(), patch_targets.cpu())
-        mine = {k: v.to(device, non_blocking=True) for k, v in mine.items()}
+            cls_targets, patch_targets = self.teacher.targets(batch["collated_global_crops"],
+                                                              batch["mask_indices_list"], teacher_temp)
+        mine = self.routing.student_batch(batch, cls_targets, patch_targets)
         seed = derive_seed(self.cfg.seed, _MODEL_RNG_KEY, iteration, self.group_rank)
         metrics = student_step(self.model, self.optimizer, self.schedules, mine, iteration,
                                clip_grad=self.student.cfg.optim.clip_grad, autocast=self.autocast, seed=seed,
