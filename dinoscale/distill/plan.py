@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from dinoscale.config import apply_overrides
+from dinoscale.distill.teacher import teacher_run_config
 from dinoscale.errors import ConfigError
 
 # keys every student shares with the job: the data, crops and masks the teacher's targets are made
@@ -70,8 +71,6 @@ def make_plan(cfg: DictConfig, world_size: int) -> DistillPlan:
     if not spec.students:
         raise ConfigError("distill.students is empty: give each student a name, a ranks_range [first, end) and "
                           "its overrides (e.g. student.arch=vit_small)")
-    from dinoscale.distill.teacher import teacher_run_config  # reads the teacher run's files only
-
     teacher_cfg = teacher_run_config(spec.teacher)
     groups = _rank_groups(spec.students, world_size)
     global_batch = spec.global_batch_size
@@ -142,9 +141,3 @@ def _check_student(cfg: DictConfig, teacher_cfg: DictConfig, source: str) -> Non
         if on:
             raise ConfigError(f"{source}: {key} is not supported in distillation (KoLeo runs per rank as in DINOv3's "
                               "multi-distillation; students start from scratch without Gram anchoring); unset it")
-
-
-def describe(plan: DistillPlan) -> str:
-    """One line per student: name, architecture, rank group and images per rank."""
-    return "\n".join(f"{s.name}: {s.cfg.student.arch}, ranks {s.ranks[0]}-{s.ranks[-1]} ({len(s.ranks)}), "
-                     f"{plan.global_batch // len(s.ranks)} images per rank" for s in plan.students)

@@ -12,7 +12,7 @@ from dinoscale.data.stream import build_stream
 
 from conftest import torchrun, write_distill_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from dinoscale.train.checkpoint import checkpoint_dirs
 
 from conftest import torchrun, write_distill_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 GROUPS = {"narrow": [0, 2], "wide": [2, 4]}
 
 
@@ -42,7 +42,7 @@ def _descendants(pid):
 
 
 def test_killed_and_resumed_job_ends_with_the_same_students(teacher_run, tmp_path):
-    common = {"iterations": 6, "checkpoint_period_iterations": 2}
+    common = {"iterations": 4, "checkpoint_period_iterations": 2}
     straight = write_distill_config(tmp_path / "straight.yaml", teacher_run, tmp_path / "straight", GROUPS, **common)
     torchrun(4, "distill", str(straight))
 
@@ -57,7 +57,7 @@ def test_killed_and_resumed_job_ends_with_the_same_students(teacher_run, tmp_pat
     process.wait()
     time.sleep(1)
     saved = {name: [p.name for p in checkpoint_dirs(tmp_path / "killed" / name)] for name in GROUPS}
-    assert all(names and names[-1] != "step_0000005" for names in saved.values()), saved
+    assert all(names and names[-1] != "step_0000003" for names in saved.values()), saved
     done = torchrun(4, "distill", str(killed))
     assert f"resumed narrow from {tmp_path / 'killed' / 'narrow' / 'checkpoints' / saved['narrow'][-1]}" in done.stderr
 
