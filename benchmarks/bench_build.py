@@ -35,12 +35,9 @@ import time
 
 import torch
 
+from dinoscale.train.memory import BYTES_FP32, GIB, training_memory
 from dinoscale.utils.machine import current_rss_mib, describe_machine, peak_rss_mib
 
-GIB = 2**30
-BYTES_FP32 = 4
-# per student parameter: fp32 weight, fp32 gradient, AdamW exp_avg and exp_avg_sq
-STUDENT_BYTES_PER_PARAM = 4 * BYTES_FP32
 FIXED_MMAP_THRESHOLD = 128 * 1024  # bytes: glibc's default, kept fixed
 
 
@@ -101,33 +98,17 @@ def run_worker(command: list[str], env: dict[str, str] | None = None) -> dict:
 # ----------------------------------------------------------------------------- dry build
 def dry_build(arch: str, world_sizes: list[int]) -> dict:
     """Per-rank bytes of training `arch` with FSDP2 on each world size, from the model built on meta."""
-    from dinoscale.models.init import own_tensors
-    from dinoscale.train.ssl import SSLMetaArch, student_init_steps
+    from dinoscale.train.ssl import SSLMetaArch
 
     cfg = model_config(arch)
     with torch.device("meta"):
         model = SSLMetaArch(cfg)
-
-    def sharded_numel(module: torch.nn.Module, ranks: int) -> int:
-        # dim-0 chunks of ceil(n / ranks) rows: rank 0 holds the largest
-        return sum(math.ceil(p.shape[0] / ranks) * (p.numel() // p.shape[0]) for p in module.parameters())
-
-    buffers = sum(b.numel() for b in model.buffers()) * BYTES_FP32
-    largest_step = max(sum(t.numel() for t in own_tensors(owner).values())
-                       for owner, _ in student_init_steps(model.student)) * BYTES_FP32
     counts = {name: sum(p.numel() for p in branch.parameters())
               for name, branch in zip(("student", "teacher", "gram_teacher"), model.branches())}
-    per_world = {}
-    for ranks in world_sizes:
-        student = sharded_numel(model.student, ranks) * STUDENT_BYTES_PER_PARAM
-        teachers = sum(sharded_numel(b, ranks) for b in model.branches()[1:]) * BYTES_FP32
-        per_world[str(ranks)] = {
-            "student_params_grads_adamw_gib": student / GIB, "teachers_gib": teachers / GIB,
-            "buffers_gib": buffers / GIB, "largest_materialised_module_gib": largest_step / GIB,
-            "per_rank_gib": (student + teachers + buffers + largest_step) / GIB}
+    buffers = sum(b.numel() for b in model.buffers()) * BYTES_FP32
     unsharded = sum(counts.values()) * BYTES_FP32 + buffers
     return {"arch": arch, "params": counts, "unsharded_weights_per_rank_before_gib": unsharded / GIB,
-            "per_rank": per_world}
+            "per_rank": {str(ranks): training_memory(model, ranks) for ranks in world_sizes}}
 
 
 def expected_local_elements(arch: str, ranks: int, rank: int) -> int:

@@ -268,6 +268,21 @@ def _exponents(out: dict, name: str) -> str:
     return "needs two sizes" if wall is None else f"{wall:.2f} (CPU time {cpu:.2f})"
 
 
+def summarise_distill(out: dict) -> list[Row]:
+    knn, steps = out["knn_top1_k20"], out["student_iterations"]
+    gap, scratch_gap = out["gap_to_teacher_distilled_points"], out["gap_to_teacher_scratch_points"]
+    seconds = out["seconds"]
+    return [
+        Row(f"k-NN@20 of a 2-block student distilled from a {out['teacher_iterations']}-step teacher "
+            f"({knn['teacher']:.1f}%) for {steps} steps, %", knn["distilled_student"],
+            "same student, SSL from scratch", knn["scratch_student"], knn["distilled_student"] / knn["scratch_student"]),
+        Row("its gap to the teacher's k-NN@20, points", gap, "same student, SSL from scratch", scratch_gap,
+            scratch_gap / gap if gap > 0 else None),
+        Row(f"distillation, {steps} steps, s", seconds["distillation"], "SSL from scratch", seconds["scratch_training"],
+            seconds["scratch_training"] / seconds["distillation"]),
+    ]
+
+
 BENCHMARKS = {
     "models": Benchmark("benchmarks.bench_models", {
         "quick": ["--batch-size", "2", "--img-size", "56", "--rounds", "1"],
@@ -304,6 +319,9 @@ BENCHMARKS = {
         "full": ["--sizes", "100000", "1000000", "10000000"]}, summarise_curation_scale),
     "dedup_real": Benchmark("benchmarks.bench_dedup_real", {
         "quick": ["--max-pictures", "100"], "default": []}, summarise_dedup_real),
+    "distill": Benchmark("benchmarks.bench_distill", {
+        "quick": ["--teacher-iterations", "40", "--student-iterations", "20", "--pool-images", "600"],
+        "default": []}, summarise_distill),
 }
 
 

@@ -68,6 +68,22 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"teacher backbone exported to {exported}")
 
 
+def cmd_distill(args: argparse.Namespace) -> None:
+    from dinoscale.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from dinoscale.distill.dryrun import dry_run
+
+        print(dry_run(cfg, args.world_size))
+        return
+    from dinoscale.distill.job import distill
+
+    exports = distill(cfg)
+    for name, path in (exports or {}).items():
+        print(f"student {name} exported to {path}")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from dinoscale.train.export import export_run
 
@@ -112,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="SSL training, alone or under torchrun (resumes from the run's last checkpoint)")
     _add_config_args(p)
     p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("distill", help="multi-student distillation of a frozen teacher, alone or under torchrun "
+                                       "(resumes from the students' last common checkpoint)")
+    _add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="check the job and print each student's rank group and "
+                                                          "memory per rank; start nothing")
+    p.add_argument("--world-size", type=int, default=None, help="ranks of the dry run (default: those the "
+                                                                 "students' groups span)")
+    p.set_defaults(handler=cmd_distill)
 
     p = sub.add_parser("export", help="write a run's teacher backbone as a plain official-layout state dict")
     p.add_argument("run_dir", help="training run directory")

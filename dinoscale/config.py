@@ -30,6 +30,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from dinoscale.curation.config import CurationConfig
 from dinoscale.data.config import CropsConfig
 from dinoscale.demo.config import DemoConfig
+from dinoscale.distill.config import DistillConfig
 from dinoscale.errors import ConfigError
 from dinoscale.eval.config import EvalConfig
 from dinoscale.models.config import StudentConfig
@@ -53,6 +54,7 @@ class Config:
     curation: CurationConfig = field(default_factory=CurationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -200,8 +202,13 @@ def load_config(preset: str | None = None, overrides: Sequence[str] = ()) -> Dic
     cfg = OmegaConf.structured(Config)
     if preset:
         cfg = _merge_preset(cfg, _resolve_preset(preset))
+    return apply_overrides(cfg, overrides, "command line")
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str], source: str) -> DictConfig:
+    """`cfg` with `key.sub=value` overrides (named `source` in errors) merged in, validated."""
     if overrides:
-        cfg = _merge(cfg, _parse_overrides(overrides), "command line")
+        cfg = _merge(cfg, _parse_overrides(overrides), source)
     _check_values(Config, cfg)
     return cfg
 

@@ -59,19 +59,21 @@ def collate_data_and_cast(samples: Sequence[dict[str, Any]], mask_ratio_tuple: S
             ratio = low + (high - low) * torch.rand((), generator=slot_generator).item()
             masks.append(mask_generator(int(n_tokens * ratio), slot_generator))
             upperbound += int(n_tokens * high)
-    collated_masks = torch.stack(masks).flatten(1)
+    batch.update(mask_fields(torch.stack(masks).flatten(1)), upperbound=upperbound)
+    return batch
 
+
+def mask_fields(collated_masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The batch entries that follow from the masks [crops, patches]: collated_masks, the flat indices
+    of the masked tokens, their weights (1 / masked tokens of their crop) and their count."""
     mask_indices_list = collated_masks.flatten().nonzero().flatten()
     per_crop_count = collated_masks.sum(dim=-1, keepdim=True).clamp(min=1)
-    masks_weight = (1.0 / per_crop_count).expand_as(collated_masks)[collated_masks]
-    batch.update({
+    return {
         "collated_masks": collated_masks,
         "mask_indices_list": mask_indices_list,
-        "masks_weight": masks_weight,
+        "masks_weight": (1.0 / per_crop_count).expand_as(collated_masks)[collated_masks],
         "n_masked_patches": torch.tensor([mask_indices_list.numel()], dtype=torch.long),
-        "upperbound": upperbound,
-    })
-    return batch
+    }
 
 
 def _stack_crop_major(samples: Sequence[dict[str, Any]], key: str) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""`dinoscale submit train|curate|eval`: the same commands as SLURM jobs (or local submitit processes).
+"""`dinoscale submit train|distill|curate|eval`: the same commands as SLURM jobs (or local submitit processes).
 
 By default the command waits for the job(s) and reports a failure with its error and log path
 (exit 2); `--no-wait` returns after printing the job id and how to follow it.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dinoscale.slurm.commands import (JobResources, dry_run_curation, dry_run_eval, dry_run_train, follow_hint,
-                                    submit_curation, submit_eval, submit_train)
+from dinoscale.slurm.commands import (JobResources, distill_task, dry_run_curation, dry_run_eval, dry_run_train,
+                                    follow_hint, submit_curation, submit_eval, submit_train, train_task)
 from dinoscale.slurm.wait import wait_for
 
 
@@ -26,18 +26,30 @@ def _wait(args: argparse.Namespace, jobs: Any) -> Any:
     return wait_for(jobs)
 
 
-def cmd_submit_train(args: argparse.Namespace) -> None:
+def _submit_run(args: argparse.Namespace, task: Any, name: str) -> Any:
+    """Submit (or with --dry-run print) a job running `task` on the config; the first task's result
+    once it has finished, None when not waiting or on a dry run."""
     from dinoscale.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        print(dry_run_train(cfg, _resources(args)), end="")
-        return
-    job = submit_train(cfg, _resources(args))
+        print(dry_run_train(cfg, _resources(args), task, name), end="")
+        return None
+    job = submit_train(cfg, _resources(args), task, name)
     print(follow_hint(job), flush=True)
     results = _wait(args, job)
-    if results is not None:
-        print(f"teacher backbone exported to {results[0] if isinstance(results, list) else results}")
+    return results[0] if isinstance(results, list) else results
+
+
+def cmd_submit_train(args: argparse.Namespace) -> None:
+    exported = _submit_run(args, train_task, "dinoscale-train")
+    if exported is not None:
+        print(f"teacher backbone exported to {exported}")
+
+
+def cmd_submit_distill(args: argparse.Namespace) -> None:
+    for name, path in (_submit_run(args, distill_task, "dinoscale-distill") or {}).items():
+        print(f"student {name} exported to {path}")
 
 
 def cmd_submit_curate(args: argparse.Namespace) -> None:
@@ -88,8 +100,8 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_submit_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `submit train|curate|eval` to the `dinoscale` command's sub-parsers."""
-    parser = subparsers.add_parser("submit", help="run train / curate / eval as SLURM jobs")
+    """Add `submit train|distill|curate|eval` to the `dinoscale` command's sub-parsers."""
+    parser = subparsers.add_parser("submit", help="run train / distill / curate / eval as SLURM jobs")
     sub = parser.add_subparsers(dest="submit_command", required=True)
 
     p = sub.add_parser("train", help="checkpointable distributed training job (requeued and resumed on preemption)")
@@ -97,6 +109,13 @@ def add_submit_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     _add_job_options(p)
     p.set_defaults(handler=cmd_submit_train)
+
+    p = sub.add_parser("distill", help="checkpointable multi-student distillation job (one task per rank of the "
+                                       "students' groups; requeued and resumed on preemption)")
+    p.add_argument("config", help="preset name or YAML file")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    _add_job_options(p)
+    p.set_defaults(handler=cmd_submit_distill)
 
     p = sub.add_parser("curate", help="curation stages: collective ones (dedup, kmeans, sample) as one job of "
                                       "--nodes x --tasks-per-node ranks, parallel ones as job arrays merged after")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import submitit
 from omegaconf import DictConfig, OmegaConf
@@ -97,17 +97,36 @@ def train_folder(cfg: DictConfig) -> Path:
     return Path(cfg.train.output_dir) / "slurm"
 
 
-def submit_train(cfg: DictConfig, resources: JobResources) -> submitit.Job:
-    """Submit `train(cfg)` as one checkpointable job of `resources.tasks` tasks per node."""
+def submit_train(cfg: DictConfig, resources: JobResources, task: Callable[[str], Any] = train_task,
+                 name: str = "dinoscale-train") -> submitit.Job:
+    """Submit `train(cfg)` (or another `task` of the saved config, e.g. `distill_task`) as one
+    checkpointable job of `resources.tasks` tasks per node."""
     folder = train_folder(cfg)
-    executor = build_executor(folder, resources, name="dinoscale-train")
-    return submit(executor, CheckpointableCall(train_task), str(_save_config(cfg, folder)))
+    executor = build_executor(folder, resources, name=name)
+    return submit(executor, CheckpointableCall(task), str(_save_config(cfg, folder)))
 
 
-def dry_run_train(cfg: DictConfig, resources: JobResources) -> str:
+def dry_run_train(cfg: DictConfig, resources: JobResources, task: Callable[[str], Any] = train_task,
+                  name: str = "dinoscale-train") -> str:
     """The sbatch script `submit_train` would submit; nothing is written or submitted."""
-    executor = build_executor(train_folder(cfg), resources, name="dinoscale-train", check=False)
-    return dry_run_script(executor, CheckpointableCall(train_task), str(train_folder(cfg) / CONFIG_NAME))
+    executor = build_executor(train_folder(cfg), resources, name=name, check=False)
+    return dry_run_script(executor, CheckpointableCall(task), str(train_folder(cfg) / CONFIG_NAME))
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+def distill_task(config_path: str) -> dict[str, str] | None:
+    """One task of a distillation job (as `train_task`): every student's export, or no result when a
+    signal stopped the job after its checkpoints."""
+    from dinoscale.config import load_config
+    from dinoscale.distill.job import distill
+
+    os.environ.update(distributed_env_from_slurm().torch_env())
+    exports = distill(load_config(config_path))
+    if exports is None:
+        raise SystemExit(0)
+    return {name: str(path) for name, path in exports.items()}
 
 
 # ----------------------------------------------------------------------------- curation

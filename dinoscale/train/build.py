@@ -18,6 +18,7 @@ import copy
 
 import torch
 from omegaconf import DictConfig
+from torch.distributed.device_mesh import DeviceMesh
 
 from dinoscale.errors import ConfigError
 from dinoscale.models.init import eager_init_steps, materialize, run_steps
@@ -32,9 +33,11 @@ from dinoscale.utils.logging import get_logger
 log = get_logger(__name__)
 
 
-def build_sharded_model(cfg: DictConfig, device: torch.device, world_size: int) -> SSLMetaArch:
-    """The SSL model sharded over the process group (compute dtype, activation checkpointing and
-    compile as configured), initialised as eager construction would, pretrained weights loaded."""
+def build_sharded_model(cfg: DictConfig, device: torch.device, world_size: int,
+                        mesh: DeviceMesh | None = None) -> SSLMetaArch:
+    """The SSL model sharded over the process group, or over `mesh` (compute dtype, activation
+    checkpointing and compile as configured), initialised as eager construction would, pretrained
+    weights loaded."""
     if cfg.student.pretrained_weights and cfg.student.resume_from_teacher_chkpt:
         raise ConfigError("set student.pretrained_weights (a backbone, fresh heads) or "
                           "student.resume_from_teacher_chkpt (a teacher with its heads), not both")
@@ -43,7 +46,7 @@ def build_sharded_model(cfg: DictConfig, device: torch.device, world_size: int) 
     source = copy.deepcopy(model.student)  # stays on meta: the init steps run on it module by module
     compute_dtype = autocast_dtype(device, cfg.train.mixed_precision) or torch.float32
     parallelize(model.branches(), device, world_size, compute_dtype, cfg.train.activation_checkpointing,
-                cfg.train.compile, checkpointed=[model.student])
+                cfg.train.compile, checkpointed=[model.student], mesh=mesh)
     model.to_empty(device=device)
     torch.manual_seed(cfg.seed)
     materialize(source, student_init_steps(source), model.branches())
@@ -57,9 +60,10 @@ def build_sharded_model(cfg: DictConfig, device: torch.device, world_size: int) 
     return model
 
 
-def build_model(cfg: DictConfig, device: torch.device, world_size: int) -> tuple[SSLMetaArch, torch.optim.AdamW]:
+def build_model(cfg: DictConfig, device: torch.device, world_size: int,
+                mesh: DeviceMesh | None = None) -> tuple[SSLMetaArch, torch.optim.AdamW]:
     """The sharded SSL model and its optimizer."""
-    model = build_sharded_model(cfg, device, world_size)
+    model = build_sharded_model(cfg, device, world_size, mesh)
     return model, build_optimizer(model.student, cfg.optim)
 
 

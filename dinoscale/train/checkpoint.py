@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
@@ -42,38 +43,52 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: str | Path, iteration: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    meta: dict[str, Any], keep_last: int) -> Path:
-    """Save on every rank; returns the final directory once it is complete."""
+                    meta: dict[str, Any], keep_last: int, group: dist.ProcessGroup | None = None) -> Path:
+    """Save on every rank of `group` (default: all ranks); returns the final directory once it is complete."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{iteration:07d}"
     tmp = root / f".tmp_step_{iteration:07d}"
-    if rank() == 0:
+    writer = _group_rank(group) == 0
+    if writer:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    barrier()
+    _barrier(group)
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
-    barrier()
-    if rank() == 0:
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp), process_group=group)
+    _barrier(group)
+    if writer:
         write_json(tmp / "meta.json", {**meta, "iteration": iteration})
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
             shutil.rmtree(old)
-    barrier()
+    _barrier(group)
     return final
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Load a checkpoint into (possibly sharded) model and optimizer; returns its meta dict."""
+def _group_rank(group: dist.ProcessGroup | None) -> int:
+    return rank() if group is None else dist.get_rank(group)
+
+
+def _barrier(group: dist.ProcessGroup | None) -> None:
+    if group is None:
+        barrier()
+    else:
+        dist.barrier(group=group)
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    group: dist.ProcessGroup | None = None) -> dict:
+    """Load a checkpoint into (possibly sharded) model and optimizer, collectively over `group`
+    (default: all ranks); returns its meta dict."""
     optimizers = [optimizer] if optimizer is not None else []
     model_state, optim_state = get_state_dict(model, optimizers)
     state: dict[str, Any] = {"model": model_state}
     if optimizer is not None:
         state["optim"] = optim_state
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), process_group=group)
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state.get("optim", {}),
                    options=StateDictOptions(strict=True))
     return read_json(Path(path) / "meta.json")

@@ -96,15 +96,16 @@ def shard_backbone(backbone: nn.Module, mesh: DeviceMesh, policy: MixedPrecision
 
 def parallelize(branches: Iterable[nn.ModuleDict], device: torch.device, world_size: int, compute_dtype: torch.dtype,
                 activation_checkpointing: str = "none", compile_blocks: bool = False,
-                checkpointed: Iterable[nn.ModuleDict] = ()) -> None:
+                checkpointed: Iterable[nn.ModuleDict] = (), mesh: DeviceMesh | None = None) -> None:
     """Shard every branch (student, teacher, Gram teacher: ModuleDicts of backbone and heads).
 
     `checkpointed` names the branches that run a backward (the student): they get activation
     checkpointing; the others (teachers) reshard right after forward. Needs a process group, also
-    for a world of one (`init_distributed` starts it).
+    for a world of one (`init_distributed` starts it). `mesh` shards over a group of ranks instead of
+    the whole world (a distillation student).
     """
     checkpointed = list(checkpointed)
-    mesh = init_device_mesh(device.type, (world_size,))
+    mesh = mesh or init_device_mesh(device.type, (world_size,))
     policy = mixed_precision_policy(compute_dtype)
     for branch in branches:
         backbone = branch["backbone"]

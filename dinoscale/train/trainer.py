@@ -52,14 +52,15 @@ class NonFiniteLossError(DinoscaleError):
     """A loss term became NaN or inf."""
 
 
-def _mean_across_ranks(metrics: dict[str, float]) -> dict[str, float]:
-    """Every value averaged over the ranks (one collective); a non-finite value on any rank stays non-finite."""
+def _mean_across_ranks(metrics: dict[str, float], group: dist.ProcessGroup | None = None) -> dict[str, float]:
+    """Every value averaged over the ranks of `group` (default: all; one collective); a non-finite value on
+    any rank stays non-finite."""
     if not dist.is_initialized():
         return metrics
     names = sorted(metrics)
     values = torch.tensor([metrics[n] for n in names], dtype=torch.float64)
-    dist.all_reduce(values)
-    return dict(zip(names, (values / dist.get_world_size()).tolist()))
+    dist.all_reduce(values, group=group)
+    return dict(zip(names, (values / dist.get_world_size(group)).tolist()))
 
 
 def crop_sizes_of(batch: dict) -> dict[str, int]:
@@ -88,7 +89,16 @@ def train_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, schedules: 
     torch.manual_seed(seed)
     with autocast:
         _, metrics = model.forward_backward(batch, iteration, schedules.teacher_temperature(iteration))
-    metrics = _mean_across_ranks(metrics)
+    return finish_step(model, optimizer, schedules, metrics, scheduled, iteration, clip_grad)
+
+
+def finish_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, schedules: Schedules, metrics: dict[str, float],
+                scheduled: dict[str, float], iteration: int, clip_grad: float,
+                group: dist.ProcessGroup | None = None) -> dict[str, float]:
+    """After the backward pass: the metrics averaged over the ranks of `group` (a non-finite loss term
+    raises before the weights change), gradient clipping, AdamW and the EMA update. Returns the
+    step's metrics with the scheduled values and gradient norms."""
+    metrics = _mean_across_ranks(metrics, group)
     bad_terms = [name for name, value in metrics.items() if name.endswith("loss") and not math.isfinite(value)]
     if bad_terms:
         raise NonFiniteLossError(f"{', '.join(bad_terms)} became non-finite at iteration {iteration}")
