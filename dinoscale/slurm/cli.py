@@ -99,28 +99,30 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-wait", action="store_true", help="return once submitted instead of waiting")
 
 
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="preset name or YAML file")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+
 def add_submit_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add `submit train|distill|curate|eval` to the `dinoscale` command's sub-parsers."""
     parser = subparsers.add_parser("submit", help="run train / distill / curate / eval as SLURM jobs")
     sub = parser.add_subparsers(dest="submit_command", required=True)
 
     p = sub.add_parser("train", help="checkpointable distributed training job (requeued and resumed on preemption)")
-    p.add_argument("config", help="preset name or YAML file")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    _add_config_arguments(p)
     _add_job_options(p)
     p.set_defaults(handler=cmd_submit_train)
 
     p = sub.add_parser("distill", help="checkpointable multi-student distillation job (one task per rank of the "
                                        "students' groups; requeued and resumed on preemption)")
-    p.add_argument("config", help="preset name or YAML file")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    _add_config_arguments(p)
     _add_job_options(p)
     p.set_defaults(handler=cmd_submit_distill)
 
     p = sub.add_parser("curate", help="curation stages: collective ones (dedup, kmeans, sample) as one job of "
                                       "--nodes x --tasks-per-node ranks, parallel ones as job arrays merged after")
-    p.add_argument("config", help="preset name or YAML file")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    _add_config_arguments(p)
     p.add_argument("--slices", type=int, default=1, help="array tasks per parallel stage (embed, assign, shards)")
     p.add_argument("--stage", default=None, help="submit only this stage (its upstream stages must be done)")
     _add_job_options(p)
