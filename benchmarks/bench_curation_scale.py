@@ -33,7 +33,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine
+from dinoscale.utils.machine import describe_machine, peak_rss_mib
 
 DIM = 256
 CHUNK = 65536
@@ -119,7 +118,7 @@ def worker(data: Path, out: Path) -> None:
         for array in (dedup.keep, *(level.assignment for level in tree.levels), sample.indices):
             digest.update(np.ascontiguousarray(array).tobytes())
         record = {"rank": info.rank, "world": info.world_size, "stages": times,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_rss_mib": peak_rss_mib(),
                   "kept": int(dedup.keep.sum()), "clusters": [level.n_clusters for level in tree.levels],
                   "result_digest": digest.hexdigest()[:16]}
         with open(out, "a") as f:
@@ -188,7 +187,7 @@ def main() -> None:
     finally:
         if args.data is None:
             shutil.rmtree(root, ignore_errors=True)
-    report = {"benchmark": "curation_scale", "machine": machine(omp_wait_policy=os.environ.get("OMP_WAIT_POLICY")),
+    report = {"benchmark": "curation_scale", "machine": describe_machine(),
               "dim": DIM, "dtype": "float16", "dedup": DEDUP, "kmeans": KMEANS, "results": rows}
     sizes = [r["n"] for r in rows]
     for p in args.processes:

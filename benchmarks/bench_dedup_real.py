@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from benchmarks.common import machine, peak_rss_mib
+from dinoscale.utils.machine import describe_machine, peak_rss_mib
 from dinoscale.config import load_config
 from dinoscale.curation import embed
 from dinoscale.curation.dedup import deduplicate
@@ -136,7 +136,7 @@ def main() -> None:
                                                              categories) for name in ("descriptor", "ssl")
                                       if name in embedded}
         report["peak_rss_mib"] = peak_rss_mib()
-        report["machine"] = machine()
+        report["machine"] = describe_machine()
     print(json.dumps(report, indent=2))
 
 

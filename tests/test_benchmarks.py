@@ -83,3 +83,15 @@ def test_importing_dinoscale_and_its_command_line_does_not_import_benchmarks():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
 
+
+
+def test_every_benchmark_of_the_suite_imports_and_parses_its_arguments():
+    from benchmarks.suite import BENCHMARKS
+
+    code = ("import importlib, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    importlib.import_module(name).main\n")
+    subprocess.run([sys.executable, "-c", code, *(b.module for b in BENCHMARKS.values())], check=True, cwd=ROOT)
+    for bench in BENCHMARKS.values():
+        done = subprocess.run([sys.executable, "-m", bench.module, "--help"], capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0, f"{bench.module}: {done.stderr[-500:]}"
