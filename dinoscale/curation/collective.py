@@ -107,6 +107,34 @@ class Comm:
         parts = [g[:n * row_bytes].cpu().numpy() for g, n in zip(gathered, lengths)]
         return np.concatenate(parts).view(array.dtype).reshape(sum(lengths), *array.shape[1:])
 
+    def share(self, array: np.ndarray, src: int, n_rows: int) -> np.ndarray:
+        """Rank `src`'s `array` of `n_rows` rows on every rank. The other ranks pass an array of the
+        same dtype and trailing dimensions (its rows are not sent): one broadcast, where `concat`
+        with one non-empty rank would make every rank send a buffer of that size."""
+        array = np.ascontiguousarray(array)
+        if self.world == 1:
+            return array
+        row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
+        buffer = torch.empty(n_rows * row_bytes, dtype=torch.uint8, device=self.device)
+        if self.rank == src:
+            buffer.copy_(torch.from_numpy(array.reshape(-1).view(np.uint8)))
+        dist.broadcast(buffer, src=src)
+        return buffer.cpu().numpy().view(array.dtype).reshape(n_rows, *array.shape[1:])
+
+    def gather(self, array: np.ndarray, dst: int) -> np.ndarray | None:
+        """Every rank's `array` (the same shape on all) joined along axis 0 in rank order, on rank
+        `dst` only (None on the others)."""
+        array = np.ascontiguousarray(array)
+        if self.world == 1:
+            return array
+        tensor = torch.from_numpy(array.reshape(-1).view(np.uint8)).to(self.device, copy=True)
+        parts = [torch.empty_like(tensor) for _ in range(self.world)] if self.rank == dst else None
+        dist.gather(tensor, parts, dst=dst)
+        if parts is None:
+            return None
+        return np.concatenate([part.cpu().numpy() for part in parts]).view(array.dtype).reshape(
+            self.world * len(array), *array.shape[1:])
+
     def exchange(self, parts: Sequence[np.ndarray]) -> list[np.ndarray]:
         """All-to-all: `parts[r]` goes to rank r; returns the part each rank sent here, by sender.
         Parts share dtype and trailing dimensions and may have any length."""

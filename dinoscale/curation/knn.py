@@ -9,19 +9,20 @@ on every rank, so the shards together are one index cut by rows. Which list a ro
 which `nprobe` lists a query scans are found block by block (fixed blocks of rows, `collective`)
 with float32 torch GEMMs, the same on any world size; faiss scans the lists.
 
-Queries leave the rank that owns them in blocks, and every rank answers with its best rows by the
-index's score: k of them from the exact index; from the inverted file, whose 8-bit scores can
-misorder close rows, k + max(k, `MIN_RERANK_MARGIN`). The index's score tells on which side of the
-caller's threshold a pair lies unless it is within the score's error bound of it (float32
-rounding; plus the 8-bit quantisation error, at most half a step per dimension, for the inverted
-file), so every candidate that may lie above the threshold is scored again on the cosine of the
-stored embeddings in float64 (`exact_cosines`), by the rank that holds the indexed row (a query
-that is itself an indexed row meets that row at cosine 1, which is not read again). The owner
-keeps the best candidates of all answers by the index's score, then id, and of those the k best by
-the refined score, then id. Both choices depend on the query and the row alone, never on the
-number of ranks; and the neighbours above the threshold among a query's k nearest are the exact
-ones whenever the candidates hold them (an exact index, or an inverted file that probes their
-lists, with a margin wider than its misordering).
+Queries leave the rank that owns them in blocks (one broadcast per block), and every rank answers
+the owner alone (one gather) with its best rows by the index's score: k of them from the exact
+index; from the inverted file, whose 8-bit scores can misorder close rows, k + max(k,
+`MIN_RERANK_MARGIN`). The index's score tells on which side of the caller's threshold a pair lies
+unless it is within the score's error bound of it (float32 rounding; plus the 8-bit quantisation
+error, at most half a step per dimension, for the inverted file), so every candidate that may lie
+above the threshold is scored again on the cosine of the stored embeddings in float64
+(`exact_cosines`), by the rank that holds the indexed row (a query that is itself an indexed row
+meets that row at cosine 1, which is not read again). The owner keeps the best candidates of all
+answers by the index's score, then id, and of those the k best by the refined score, then id. Both
+choices depend on the query and the row alone, never on the number of ranks; and the neighbours
+above the threshold among a query's k nearest are the exact ones whenever the candidates hold them
+(an exact index, or an inverted file that probes their lists, with a margin wider than its
+misordering).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from dinoscale.curation.faiss_utils import l2_normalize, on_device, row_dots
 from dinoscale.curation.lloyd import lloyd
 from dinoscale.curation.points import Points
 from dinoscale.curation.store import RowSubset
+from dinoscale.utils.device import default_device
 
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 MIN_RERANK_MARGIN = 8
@@ -74,17 +76,17 @@ class ShardedCosineIndex:
         self.x, self.ids, self.comm, self.dim = x, np.asarray(ids, dtype=np.int64), comm, x.shape[1]
         self.blocks = _row_blocks(self.ids)
         n_total = int(comm.sum(np.array([len(self.ids)]))[0])
-        self.quantizer: np.ndarray | None = None
+        self.quantizer: ListCentroids | None = None
         if n_total < ivf_min_size:
             self.index = on_device(faiss.IndexFlatIP(self.dim))
             self.step = np.zeros(self.dim)
         else:
             nlist = int(min(max(4 * np.sqrt(n_total), 16), n_total // 39))
-            self.quantizer = self._train_lists(nlist, n_total, seed)
+            self.quantizer = ListCentroids(self._train_lists(nlist, n_total, seed))
             vmin, vdiff = self._value_range()
             index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(self.dim), self.dim, nlist,
                                                   faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT, False)
-            index.quantizer.add(self.quantizer.astype(np.float32))
+            index.quantizer.add(self.quantizer.centroids)
             faiss.copy_array_to_vector(np.concatenate([vmin, vdiff]).astype(np.float32), index.sq.trained)
             index.is_trained = True
             index.nprobe = min(nprobe, nlist)
@@ -95,7 +97,7 @@ class ShardedCosineIndex:
             if self.quantizer is None:
                 self.index.add(rows)
             else:
-                lists = np.ascontiguousarray(_nearest_lists(rows, self.quantizer, 1)[:, 0])
+                lists = np.ascontiguousarray(self.quantizer.nearest(rows, 1)[:, 0])
                 row_ids = np.ascontiguousarray(self.ids[block])  # referenced here until faiss has copied them
                 self.index.add_core(len(rows), faiss.swig_ptr(rows), faiss.swig_ptr(row_ids), faiss.swig_ptr(lists))
 
@@ -134,13 +136,12 @@ class ShardedCosineIndex:
                 query_ids = ids[blocks[b]] if mine else np.zeros(0, dtype=np.int64)
                 queries = l2_normalize(x[query_ids]) if mine else np.zeros((0, self.dim), dtype=np.float32)
                 probes = self._probes(queries)  # found once, by the owner; they travel with the queries
-                lengths = [0] * self.comm.world
-                lengths[owner] = int(self.comm.broadcast(len(query_ids), src=owner))
-                query_ids, queries, probes = (self.comm.concat(a, lengths) for a in (query_ids, queries, probes))
+                n_queries = int(self.comm.broadcast(len(query_ids), src=owner))
+                query_ids, queries, probes = (self.comm.share(a, owner, n_queries) for a in (query_ids, queries, probes))
                 found = self._search_shard(queries, probes, k + self.margin(k), threshold,
                                            query_ids if x is self.x else None)
-                answers = [self.comm.concat(part) for part in (found.ids, found.scores, found.above,
-                                                               found.index_scores)]
+                answers = [self.comm.gather(part, owner) for part in (found.ids, found.scores, found.above,
+                                                                      found.index_scores)]
                 if mine:
                     on_result(query_ids, _merge(*answers, self.comm.world, k, k + self.margin(k)))
 
@@ -152,7 +153,7 @@ class ShardedCosineIndex:
         """The lists each query scans ((q, 0) for an exact index)."""
         if self.quantizer is None:
             return np.zeros((len(queries), 0), dtype=np.int64)
-        return _nearest_lists(queries, self.quantizer, self.index.nprobe)
+        return self.quantizer.nearest(queries, self.index.nprobe)
 
     def _search_shard(self, queries: np.ndarray, probes: np.ndarray, k: int, threshold: float,
                       own_ids: np.ndarray | None) -> Neighbours:
@@ -202,11 +203,20 @@ def _merge(ids: np.ndarray, scores: np.ndarray, above: np.ndarray, index_scores:
     return Neighbours(*found)
 
 
-def _nearest_lists(rows: np.ndarray, centroids: np.ndarray, n: int) -> np.ndarray:
-    """The `n` nearest centroids (L2) of each row: one float32 GEMM per call (callers pass fixed blocks)."""
-    c = torch.from_numpy(np.asarray(centroids, dtype=np.float32))
-    scores = torch.from_numpy(rows) @ c.T - (c * c).sum(dim=1) / 2
-    return scores.topk(n, dim=1).indices.numpy().astype(np.int64)
+class ListCentroids:
+    """The inverted file's list centroids, held once on the device that assigns rows to lists (a GPU
+    where there is one: at 10^9 rows these GEMMs cost as much as the scans)."""
+
+    def __init__(self, centroids: np.ndarray):
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        self.device = default_device()
+        self._c = torch.from_numpy(self.centroids).to(self.device)
+        self._half_sq_norms = (self._c * self._c).sum(dim=1) / 2
+
+    def nearest(self, rows: np.ndarray, n: int) -> np.ndarray:
+        """The `n` nearest centroids (L2) of each row: one float32 GEMM per call (callers pass fixed blocks)."""
+        scores = torch.from_numpy(rows).to(self.device) @ self._c.T - self._half_sq_norms
+        return scores.topk(n, dim=1).indices.cpu().numpy().astype(np.int64)
 
 
 def _row_blocks(ids: np.ndarray) -> list[slice]:
