@@ -47,6 +47,11 @@ TRAINING_POINTS_PER_LIST = 64
 QUANTIZER_ITERATIONS = 10
 
 
+def n_inverted_lists(n_rows: int) -> int:
+    """How many lists the inverted file of `n_rows` rows has: about 4 sqrt(N), at least 39 rows each."""
+    return int(min(max(4 * np.sqrt(n_rows), 16), n_rows // 39))
+
+
 class Normalized:
     """Rows of an (N, D) array-like, L2-normalised as float32 when read."""
 
@@ -81,7 +86,7 @@ class ShardedCosineIndex:
             self.index = on_device(faiss.IndexFlatIP(self.dim))
             self.step = np.zeros(self.dim)
         else:
-            nlist = int(min(max(4 * np.sqrt(n_total), 16), n_total // 39))
+            nlist = n_inverted_lists(n_total)
             self.quantizer = ListCentroids(self._train_lists(nlist, n_total, seed))
             vmin, vdiff = self._value_range()
             index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(self.dim), self.dim, nlist,
