@@ -99,14 +99,18 @@ class Exchange:
 
 # ----------------------------------------------------------------------------- work
 def embed_terms(n: int, spec: BackboneSpec, name: str) -> list[Term]:
+    """The backbone's forward on every image (the copy-detection embedder, when separate, is small)."""
     return [Term("embed", f"{name} forward at {spec.img_size} px", n * count_gflops(spec) * 1e9, "embed")]
 
 
 def dedup_terms(n: int, d: int, cfg: DedupConfig) -> tuple[list[Term], Exchange]:
+    """Near-duplicate search of every row against all (`dedup._near_duplicate_links`), and per rank: the
+    queries it receives (float32 rows, their lists, ids) and the answers it sends (id, score, above,
+    index score per candidate); a query block costs 8 collectives."""
     candidates = cfg.k + 1  # the stage asks for k + 1 (a row finds itself)
     if n < cfg.ivf_min_size:
         return [Term("dedup", "exact k-NN search", float(n) * n * d, "fp32")], Exchange(
-            n * (4 * d + 17 * candidates), 2 * n / BLOCK_ROWS)
+            n * (4 * d + 17 * candidates), 8 * n / BLOCK_ROWS)
     nlist = n_inverted_lists(n)
     nprobe = min(cfg.nprobe, nlist)
     training = TRAINING_POINTS_PER_LIST * nlist
@@ -115,16 +119,17 @@ def dedup_terms(n: int, d: int, cfg: DedupConfig) -> tuple[list[Term], Exchange]
              Term("dedup", "assign rows to lists", float(n) * nlist * d, "fp32"),
              Term("dedup", f"find each query's {nprobe} lists", float(n) * nlist * d, "fp32"),
              Term("dedup", f"scan {nprobe} lists per query (8-bit codes)", float(n) * nprobe * (n / nlist) * d, "scan")]
-    return terms, Exchange(n * (4 * d + 8 * nprobe + 8 + 17 * candidates), 2 * n / BLOCK_ROWS)
+    return terms, Exchange(n * (4 * d + 8 * nprobe + 8 + 17 * candidates), 8 * n / BLOCK_ROWS)
 
 
 def kmeans_terms(n: int, d: int, cfg: KMeansConfig) -> tuple[list[Term], Exchange]:
+    """Every fit of `fit_hierarchical_kmeans` on n items (upper bounds: Lloyd may stop early)."""
     terms: list[Term] = []
     exchange = Exchange()
 
     def fit(level: str, m: float, k: int, times: float = 1.0) -> None:
         population = min(m, cfg.seeding_points_per_cluster * k)
-        terms.append(Term("kmeans", f"{level}: k-means++ seeding", times * k * (2 + math.log(k)) * population * d, "bf16"))
+        terms.append(Term("kmeans", f"{level}: k-means++ seeding", times * k * (2 + int(math.log(k))) * population * d, "bf16"))
         terms.append(Term("kmeans", f"{level}: Lloyd", times * cfg.n_iter * m * k * d, "fp32"))
         if m > BLOCK_ROWS:  # smaller fits are one block, which one rank fits alone
             exchange.bytes_per_rank += times * cfg.n_iter * 2 * k * d * 8  # ring all-reduce of int64 sums
