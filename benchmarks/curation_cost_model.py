@@ -41,8 +41,12 @@ import argparse
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import faiss
+import numpy as np
 
 from dinoscale.config import load_config
 from dinoscale.curation.collective import BLOCK_ROWS
@@ -54,6 +58,7 @@ from dinoscale.models.spec import BackboneSpec
 
 HERE = Path(__file__).parent
 GPUS_PER_NODE = 8
+CPU_CORES_PER_NODE = 112  # a DGX H100: 2 x 56-core Xeon 8480C
 NETWORK_BYTES_PER_S = 50e9
 COLLECTIVE_LATENCY_S = 30e-6
 EMBED_MFU = 0.40
@@ -167,59 +172,108 @@ def measured_cpu_rates(results: Path) -> list[dict]:
     return rows
 
 
+def measure_list_scan_rate(n: int = 200_000, d: int = 256, queries: int = 2000, nprobe: int = 8) -> float:
+    """Bytes of 8-bit codes one CPU core scans per second in faiss's IndexIVFScalarQuantizer, as the
+    sharded index calls it (`search_preassigned`), on random unit rows."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(d), d, n_inverted_lists(n), faiss.ScalarQuantizer.QT_8bit,
+                                          faiss.METRIC_INNER_PRODUCT, False)
+    index.train(x[:100_000])
+    index.add(x)
+    index.nprobe = nprobe
+    _, probes = index.quantizer.search(x[:queries], nprobe)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        start = time.process_time()
+        index.search_preassigned(x[:queries], 32, probes, np.zeros(probes.shape, np.float32))
+        seconds = time.process_time() - start
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return sum(index.invlists.list_size(int(lst)) for lst in probes.ravel()) * d / seconds
+
+
 # ----------------------------------------------------------------------------- the model
-def cost(n: int, preset: str, backbone: str, gpu: Gpu, nodes: list[int], level_1_on_all_points: bool) -> dict:
+@dataclass(frozen=True)
+class Node:
+    """A GPU node: its GPUs run every GEMM, the embedding forward and (`scan_on_gpu`) the list scans;
+    otherwise its CPU cores scan the lists, as dinoscale does today (faiss's CPU inverted file)."""
+
+    gpu: Gpu
+    cpu_scan_bytes_per_s: float  # one core
+    scan_on_gpu: bool = False
+    gpus: int = GPUS_PER_NODE
+    cpu_cores: int = CPU_CORES_PER_NODE
+
+    def seconds(self, term: Term) -> float:
+        if term.kind == "scan" and not self.scan_on_gpu:
+            return term.macs / (self.cpu_cores * self.cpu_scan_bytes_per_s)
+        return term.macs / (self.gpus * self.gpu.macs_per_s(term.kind))
+
+
+def cost(n: int, preset: str, backbone: str, node: Node, nodes: list[int], level_1_on_all_points: bool) -> dict:
     """The model for `n` images curated with `preset` (its level 1 fitted on all points, or as the preset
-    says) on `nodes` nodes of GPUS_PER_NODE `gpu`s each; the embeddings are `backbone`'s."""
+    says) on each of `nodes` nodes; the embeddings are `backbone`'s."""
     cfg = load_config(preset, ["curation.kmeans.train_sample=null"] if level_1_on_all_points else []).curation
     spec = preset_spec(backbone)
     d = spec.embed_dim
     dedup, dedup_exchange = dedup_terms(n, d, cfg.dedup)
     kmeans, kmeans_exchange = kmeans_terms(n, d, cfg.kmeans)
     terms = embed_terms(n, spec, backbone) + dedup + kmeans
-    gpu_hours = {}
+    node_hours: dict[str, float] = {}
     for t in terms:
-        gpu_hours.setdefault(t.stage, 0.0)
-        gpu_hours[t.stage] += t.macs / gpu.macs_per_s(t.kind) / 3600
+        node_hours[t.stage] = node_hours.get(t.stage, 0.0) + node.seconds(t) / 3600
+    network_hours = {stage: (e.bytes_per_rank / NETWORK_BYTES_PER_S + e.collectives * COLLECTIVE_LATENCY_S) / 3600
+                     for stage, e in (("dedup", dedup_exchange), ("kmeans", kmeans_exchange))}
     on_nodes = []
     for n_nodes in nodes:
-        ranks = n_nodes * GPUS_PER_NODE
-        network = {stage: (e.bytes_per_rank / NETWORK_BYTES_PER_S + e.collectives * COLLECTIVE_LATENCY_S) / 3600
-                   for stage, e in (("dedup", dedup_exchange), ("kmeans", kmeans_exchange))}
-        wall = {stage: hours / ranks + network.get(stage, 0.0) for stage, hours in gpu_hours.items()}
+        wall = {stage: hours / n_nodes + network_hours.get(stage, 0.0) for stage, hours in node_hours.items()}
         on_nodes.append({"nodes": n_nodes, "wall_hours": {s: round(h, 2) for s, h in wall.items()},
-                         "network_hours": {s: round(h, 3) for s, h in network.items()},
                          "total_wall_hours": round(sum(wall.values()), 2),
                          "node_hours": round(n_nodes * sum(wall.values()), 1)})
     return {"images": n, "dim": d, "preset": preset, "train_sample": cfg.kmeans.train_sample, "backbone": backbone,
-            "gpu": gpu.name, "gpu_rates_macs_per_s": {k: gpu.macs_per_s(k) for k in ("fp32", "bf16", "scan", "embed")},
+            "node": {"gpu": node.gpu.name, "gpus": node.gpus, "cpu_cores": node.cpu_cores,
+                     "list_scans_on": "GPUs" if node.scan_on_gpu else "CPU cores"},
+            "gpu_rates_macs_per_s": {k: node.gpu.macs_per_s(k) for k in ("fp32", "bf16", "scan", "embed")},
+            "cpu_scan_bytes_per_core_s": node.cpu_scan_bytes_per_s,
             "terms": [{"stage": t.stage, "what": t.what, "macs": t.macs, "kind": t.kind,
-                       "gpu_hours": round(t.macs / gpu.macs_per_s(t.kind) / 3600, 2)} for t in terms],
-            "gpu_hours": {s: round(h, 1) for s, h in gpu_hours.items()},
-            "dominant_stage": max(gpu_hours, key=gpu_hours.get), "on_nodes": on_nodes}
+                       "node_hours": round(node.seconds(t) / 3600, 3)} for t in terms],
+            "node_hours_of_work": {s: round(h, 1) for s, h in node_hours.items()},
+            "network_hours": {s: round(h, 3) for s, h in network_hours.items()},
+            "dominant_stage": max(node_hours, key=node_hours.get), "on_nodes": on_nodes}
 
 
-def cpu_core_hours(model: dict, rates: list[dict]) -> dict[str, float]:
-    """Core-hours of dedup and k-means at the rates measured here on the largest pool measured."""
+def cpu_core_hours(model: dict, rates: list[dict]) -> int:
+    """Core-hours of dedup and k-means on CPUs alone, at the rates measured here on the largest pool."""
     largest = max(rates, key=lambda r: r["n"])
-    return {stage: round(sum(t["macs"] for t in model["terms"] if t["stage"] == stage)
-                         / largest[f"{stage}_macs_per_cpu_s"] / 3600) for stage in ("dedup", "kmeans")}
+    return round(sum(t["macs"] / largest[f"{t['stage']}_macs_per_cpu_s"] for t in model["terms"]
+                     if t["stage"] in ("dedup", "kmeans")) / 3600)
+
+
+SCENARIOS = {"preset_today": (False, False), "preset_gpu_list_scans": (False, True),
+             "all_points_today": (True, False), "all_points_gpu_list_scans": (True, True)}
 
 
 def markdown(report: dict) -> str:
     """The model as the README shows it."""
-    preset, everything = report["as_the_preset"], report["level_1_on_all_points"]
-    lines = [f"| {preset['images']:.0e} images x {preset['dim']}-d, `{preset['preset']}`, {preset['gpu']} | "
-             f"level 1 fitted on {preset['train_sample']:,} points (the preset) | level 1 fitted on all points |",
-             "|---|---|---|"]
-    for stage in preset["gpu_hours"]:
-        lines.append(f"| {stage}, GPU-hours | {preset['gpu_hours'][stage]:,.1f} | {everything['gpu_hours'][stage]:,.1f} |")
-    for a, b in zip(preset["on_nodes"], everything["on_nodes"]):
-        lines.append(f"| on {a['nodes']} nodes of {GPUS_PER_NODE}: wall hours (node-hours) | "
-                     f"{a['total_wall_hours']:.2f} ({a['node_hours']:.0f}) | {b['total_wall_hours']:.2f} ({b['node_hours']:.0f}) |")
-    if "cpu_core_hours" in preset:
-        lines.append("| dedup + k-means on CPUs at the rates measured here, core-hours | "
-                     f"{sum(preset['cpu_core_hours'].values()):,} | {sum(everything['cpu_core_hours'].values()):,} |")
+    models = [report[name] for name in SCENARIOS]
+    first = models[0]
+    head = [f"level 1 on {'all points' if m['train_sample'] is None else format(m['train_sample'], ',') + ' points'}, "
+            f"list scans on {m['node']['list_scans_on']}" for m in models]
+    lines = [f"| {first['images']:.0e} images x {first['dim']}-d, `{first['preset']}`, nodes of "
+             f"{first['node']['gpus']} {first['node']['gpu']} + {first['node']['cpu_cores']} cores | " + " | ".join(head) + " |",
+             "|---" * (len(models) + 1) + "|"]
+    for stage in first["node_hours_of_work"]:
+        lines.append(f"| {stage}: node-hours of work | " + " | ".join(
+            f"{m['node_hours_of_work'][stage]:,.1f}" for m in models) + " |")
+    for i, on in enumerate(first["on_nodes"]):
+        lines.append(f"| on {on['nodes']} nodes: wall hours (node-hours) | " + " | ".join(
+            f"{m['on_nodes'][i]['total_wall_hours']:,.2f} ({m['on_nodes'][i]['node_hours']:,.0f})" for m in models) + " |")
+    if "cpu_core_hours" in first:
+        lines.append("| dedup + k-means on CPU cores alone at the rates measured here: core-hours | " + " | ".join(
+            f"{m['cpu_core_hours']:,}" for m in models) + " |")
     return "\n".join(lines)
 
 
@@ -234,13 +288,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="bench_curation_scale's measurements (a results.json of the suite)")
     parser.add_argument("--markdown", action="store_true", help="print the README's table instead of the JSON")
     args = parser.parse_args(argv)
-    n, gpu = int(args.images), GPUS[args.gpu]
-    report = {"measured_cpu_rates": measured_cpu_rates(args.results) if args.results.exists() else None,
-              "as_the_preset": cost(n, args.preset, args.backbone, gpu, args.nodes, level_1_on_all_points=False),
-              "level_1_on_all_points": cost(n, args.preset, args.backbone, gpu, args.nodes, level_1_on_all_points=True)}
-    if report["measured_cpu_rates"]:
-        for model in (report["as_the_preset"], report["level_1_on_all_points"]):
-            model["cpu_core_hours"] = cpu_core_hours(model, report["measured_cpu_rates"])
+    scan_rate = measure_list_scan_rate()
+    rates = measured_cpu_rates(args.results) if args.results.exists() else None
+    report: dict = {"measured_cpu_rates": rates, "list_scan_bytes_per_core_s": scan_rate}
+    for name, (all_points, scan_on_gpu) in SCENARIOS.items():
+        node = Node(GPUS[args.gpu], scan_rate, scan_on_gpu)
+        report[name] = cost(int(args.images), args.preset, args.backbone, node, args.nodes, all_points)
+        if rates:
+            report[name]["cpu_core_hours"] = cpu_core_hours(report[name], rates)
     if args.markdown:
         print(markdown(report))
     else:

@@ -102,10 +102,10 @@ def test_every_benchmark_of_the_suite_imports_and_parses_its_arguments():
 def test_curation_cost_model_counts_the_published_web_configuration():
     """The model's largest terms against n k d iterations written out here from the preset's numbers, and
     its GPU rate giving back the faiss figure it comes from."""
-    from benchmarks.curation_cost_model import Gpu, cost, main
+    from benchmarks.curation_cost_model import Gpu, Node, cost, main
 
-    model = cost(10**9, "curate/web_4level", "dinov3_vitl16", Gpu("P100 SXM2", 10.6e12, 21.2e12, 0.73e12), [16],
-                 level_1_on_all_points=True)
+    p100 = Gpu("P100 SXM2", 10.6e12, 21.2e12, 0.73e12)
+    model = cost(10**9, "curate/web_4level", "dinov3_vitl16", Node(p100, 1e9), [16], level_1_on_all_points=True)
     macs = {t["what"]: t["macs"] for t in model["terms"]}
     assert macs["level 1: Lloyd"] == 50 * 10**9 * 100_000 * 1024
     assert macs["level 2, 10 resampling steps: Lloyd"] == 10 * 50 * (500_000 * 10) * 500_000 * 1024
@@ -113,9 +113,9 @@ def test_curation_cost_model_counts_the_published_web_configuration():
     lists = round(4 * 10**4.5)
     assert macs["scan 32 lists per query (8-bit codes)"] == pytest.approx(10**9 * 32 * 10**9 / lists * 1024, rel=1e-4)
     assert model["train_sample"] is None
-    assert 1.28e14 / model["gpu_rates_macs_per_s"]["fp32"] == pytest.approx(55.0)  # faiss: 55 s on one P100
+    assert 1.28e14 / p100.macs_per_s("fp32") == pytest.approx(55.0)  # faiss: 55 s on one P100
 
-    preset = cost(10**9, "curate/web_4level", "dinov3_vitl16", Gpu("any", 1, 1, 1), [1], level_1_on_all_points=False)
+    preset = cost(10**9, "curate/web_4level", "dinov3_vitl16", Node(p100, 1e9), [1], level_1_on_all_points=False)
     assert preset["train_sample"] == 25_600_000
     assert {t["what"]: t["macs"] for t in preset["terms"]}["level 1: Lloyd"] == 50 * 25_600_000 * 100_000 * 1024
     main(["--markdown", "--nodes", "16"])  # on the committed results.json
