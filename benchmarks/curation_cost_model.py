@@ -120,7 +120,8 @@ def dedup_terms(n: int, d: int, cfg: DedupConfig) -> tuple[list[Term], Exchange]
     nprobe = min(cfg.nprobe, nlist)
     training = TRAINING_POINTS_PER_LIST * nlist
     candidates += max(candidates, MIN_RERANK_MARGIN)
-    terms = [Term("dedup", f"train {nlist:,} list centroids", float(QUANTIZER_ITERATIONS) * training * nlist * d, "fp32"),
+    terms = [Term("dedup", f"train {nlist:,} list centroids", QUANTIZER_ITERATIONS * float(training) * nlist * d,
+                  "fp32"),
              Term("dedup", "assign rows to lists", float(n) * nlist * d, "fp32"),
              Term("dedup", f"find each query's {nprobe} lists", float(n) * nlist * d, "fp32"),
              Term("dedup", f"scan {nprobe} lists per query (8-bit codes)", float(n) * nprobe * (n / nlist) * d, "scan")]
@@ -134,7 +135,8 @@ def kmeans_terms(n: int, d: int, cfg: KMeansConfig) -> tuple[list[Term], Exchang
 
     def fit(level: str, m: float, k: int, times: float = 1.0) -> None:
         population = min(m, cfg.seeding_points_per_cluster * k)
-        terms.append(Term("kmeans", f"{level}: k-means++ seeding", times * k * (2 + int(math.log(k))) * population * d, "bf16"))
+        candidates = 2 + int(math.log(k))
+        terms.append(Term("kmeans", f"{level}: k-means++ seeding", times * k * candidates * population * d, "bf16"))
         terms.append(Term("kmeans", f"{level}: Lloyd", times * cfg.n_iter * m * k * d, "fp32"))
         if m > BLOCK_ROWS:  # smaller fits are one block, which one rank fits alone
             exchange.bytes_per_rank += times * cfg.n_iter * 2 * k * d * 8  # ring all-reduce of int64 sums
@@ -148,7 +150,8 @@ def kmeans_terms(n: int, d: int, cfg: KMeansConfig) -> tuple[list[Term], Exchang
         fit(level, train, k)
         if resampling:
             fit(f"{level}, {resampling} resampling steps", min(items, k * cfg.sample_size[i]), k, times=resampling)
-        terms.append(Term("kmeans", f"{level}: assign its {items:,} items", (1 + resampling) * float(items) * k * d, "fp32"))
+        terms.append(Term("kmeans", f"{level}: assign its {items:,} items", (1 + resampling) * float(items) * k * d,
+                          "fp32"))
         if i == 0 and cfg.n_split > 1:
             fit(f"{level} split", items / k, cfg.n_split, times=k)
             terms.append(Term("kmeans", f"{level} split: assign", float(items) * cfg.n_split * d, "fp32"))
@@ -262,15 +265,17 @@ def markdown(report: dict) -> str:
     first = models[0]
     head = [f"level 1 on {'all points' if m['train_sample'] is None else format(m['train_sample'], ',') + ' points'}, "
             f"list scans on {m['node']['list_scans_on']}" for m in models]
-    lines = [f"| {first['images']:.0e} images x {first['dim']}-d, `{first['preset']}`, nodes of "
-             f"{first['node']['gpus']} {first['node']['gpu']} + {first['node']['cpu_cores']} cores | " + " | ".join(head) + " |",
+    node = first["node"]
+    lines = [f"| {first['images']:.0e} images x {first['dim']}-d, `{first['preset']}`, nodes of {node['gpus']} "
+             f"{node['gpu']} + {node['cpu_cores']} cores | " + " | ".join(head) + " |",
              "|---" * (len(models) + 1) + "|"]
     for stage in first["node_hours_of_work"]:
         lines.append(f"| {stage}: node-hours of work | " + " | ".join(
             f"{m['node_hours_of_work'][stage]:,.1f}" for m in models) + " |")
     for i, on in enumerate(first["on_nodes"]):
+        runs = [m["on_nodes"][i] for m in models]
         lines.append(f"| on {on['nodes']} nodes: wall hours (node-hours) | " + " | ".join(
-            f"{m['on_nodes'][i]['total_wall_hours']:,.2f} ({m['on_nodes'][i]['node_hours']:,.0f})" for m in models) + " |")
+            f"{r['total_wall_hours']:,.2f} ({r['node_hours']:,.0f})" for r in runs) + " |")
     if "cpu_core_hours" in first:
         lines.append("| dedup + k-means on CPU cores alone at the rates measured here: core-hours | " + " | ".join(
             f"{m['cpu_core_hours']:,}" for m in models) + " |")

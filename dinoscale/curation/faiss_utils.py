@@ -7,10 +7,13 @@ materialises more than one chunk of distances at a time.
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import faiss
 import numpy as np
+import torch
+import torch.distributed as dist
 
 from dinoscale.errors import DataError
 
@@ -23,8 +26,18 @@ def gpu_available() -> bool:
 
 
 def on_device(index: faiss.Index) -> faiss.Index:
-    """The same index moved to all GPUs when there are any, else unchanged."""
-    return faiss.index_cpu_to_all_gpus(index) if gpu_available() else index
+    """The same index on the GPU when faiss sees one, else unchanged. One of several ranks takes its
+    own GPU (torch's current device, which the process group set up); a single process takes all."""
+    if not gpu_available():
+        return index
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return faiss.index_cpu_to_gpu(_gpu_resources(), torch.cuda.current_device(), index)
+    return faiss.index_cpu_to_all_gpus(index)
+
+
+@functools.cache
+def _gpu_resources() -> "faiss.StandardGpuResources":
+    return faiss.StandardGpuResources()
 
 
 def check_embeddings(x: np.ndarray, name: str) -> None:
@@ -126,11 +139,11 @@ def nearest_centroids(x: np.ndarray, centroids: np.ndarray, n_nearest: int, rows
     distances = np.empty((n_rows, n_nearest), dtype=np.float32)
     n_proposed = min(n_nearest + 1, len(c64))
     largest_sq_norm = float((c64 * c64).sum(axis=1).max())
-    for pos, dist, found in search(index, x, n_proposed, normalize=False, rows=rows, chunk_rows=chunk_rows):
+    for pos, faiss_distances, found in search(index, x, n_proposed, normalize=False, rows=rows, chunk_rows=chunk_rows):
         where = (slice(rows.start + pos, rows.start + pos + len(found)) if isinstance(rows, slice)
                  else rows[pos:pos + len(found)])
         chunk = np.asarray(x[where], dtype=np.float64)
-        chunk_ids, chunk_distances = _exact_order(chunk, c64, dist, found, n_nearest, largest_sq_norm)
+        chunk_ids, chunk_distances = _exact_order(chunk, c64, faiss_distances, found, n_nearest, largest_sq_norm)
         ids[pos:pos + len(found)], distances[pos:pos + len(found)] = chunk_ids, chunk_distances
     return ids, distances
 

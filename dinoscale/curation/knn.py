@@ -142,7 +142,8 @@ class ShardedCosineIndex:
                 queries = l2_normalize(x[query_ids]) if mine else np.zeros((0, self.dim), dtype=np.float32)
                 probes = self._probes(queries)  # found once, by the owner; they travel with the queries
                 n_queries = int(self.comm.broadcast(len(query_ids), src=owner))
-                query_ids, queries, probes = (self.comm.share(a, owner, n_queries) for a in (query_ids, queries, probes))
+                query_ids, queries, probes = (self.comm.share(part, owner, n_queries)
+                                              for part in (query_ids, queries, probes))
                 found = self._search_shard(queries, probes, k + self.margin(k), threshold,
                                            query_ids if x is self.x else None)
                 answers = [self.comm.gather(part, owner) for part in (found.ids, found.scores, found.above,

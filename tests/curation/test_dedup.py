@@ -266,3 +266,25 @@ def test_pairwise_scores_count_pairs_by_their_definition():
     assert kinds["jpeg"]["recall"] == 1.0 and kinds["jpeg"]["false_pairs"] == 1  # the copy paired with D
     assert kinds["original"]["recall"] == 0.0 and kinds["original"]["false_pairs"] == 2
     assert kinds["indirect"]["precision"] is None
+
+
+def test_faiss_indexes_take_the_ranks_own_gpu_under_a_process_group(monkeypatch):
+    """Where faiss sees GPUs, a single process spreads an index over all of them, and each of several
+    ranks puts it on its own GPU only (8 ranks on a node must not each fill all 8)."""
+    import faiss
+
+    from dinoscale.curation import faiss_utils
+
+    calls = []
+    monkeypatch.setattr(faiss_utils, "gpu_available", lambda: True)
+    monkeypatch.setattr(faiss_utils, "_gpu_resources", lambda: "resources")
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index: calls.append("all") or index, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, device, index: calls.append((res, device)) or index,
+                        raising=False)
+    monkeypatch.setattr(faiss_utils.torch.cuda, "current_device", lambda: 3)
+    index = faiss.IndexFlatL2(4)
+    assert faiss_utils.on_device(index) is index and calls == ["all"]
+    monkeypatch.setattr(faiss_utils.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(faiss_utils.dist, "get_world_size", lambda: 8)
+    faiss_utils.on_device(index)
+    assert calls == ["all", ("resources", 3)]
