@@ -18,6 +18,7 @@ import torch.distributed as dist
 from dinoscale.errors import DataError
 
 DEFAULT_CHUNK_ROWS = 65536
+EXTRA_PROPOSALS = 8  # nearest-centroid proposals beyond the n asked for: near ties are settled among them
 
 
 def gpu_available() -> bool:
@@ -125,8 +126,9 @@ def nearest_centroids(x: np.ndarray, centroids: np.ndarray, n_nearest: int, rows
 
     The answer is exact, whatever faiss's arithmetic: faiss's float32 distances (whose last bits
     change with the number of threads and the batch) only propose the order, and a row whose
-    proposal is within faiss's rounding bound of a tie is decided again in float64 among all
-    centroids (equal float64 distances go to the smaller id). The distances returned are float64
+    proposal is within faiss's rounding bound of a tie is decided again in float64 (equal float64
+    distances go to the smaller id): among faiss's `n_nearest + EXTRA_PROPOSALS` proposals when the
+    last of them is clear of the tie, else among all centroids. The distances returned are float64
     ones rounded to float32. So the same row gets the same answer in any batch, on any number of
     threads or ranks."""
     n_nearest = min(n_nearest, centroids.shape[0])
@@ -137,7 +139,7 @@ def nearest_centroids(x: np.ndarray, centroids: np.ndarray, n_nearest: int, rows
     n_rows = len(range(*rows.indices(x.shape[0]))) if isinstance(rows, slice) else len(rows)
     ids = np.empty((n_rows, n_nearest), dtype=np.int64)
     distances = np.empty((n_rows, n_nearest), dtype=np.float32)
-    n_proposed = min(n_nearest + 1, len(c64))
+    n_proposed = min(n_nearest + EXTRA_PROPOSALS, len(c64))
     largest_sq_norm = float((c64 * c64).sum(axis=1).max())
     for pos, faiss_distances, found in search(index, x, n_proposed, normalize=False, rows=rows, chunk_rows=chunk_rows):
         where = (slice(rows.start + pos, rows.start + pos + len(found)) if isinstance(rows, slice)
@@ -178,21 +180,34 @@ def _componentwise_sum(terms, n: int, m: int, d: int, square: bool = False) -> n
 def _exact_order(x: np.ndarray, c: np.ndarray, proposed: np.ndarray, proposed_ids: np.ndarray, n_nearest: int,
                  largest_sq_norm: float) -> tuple[np.ndarray, np.ndarray]:
     """The `n_nearest` nearest centroids of each row of `x` and their float64 squared distances, from
-    faiss's proposal (`n_nearest` + 1 float32 distances and ids, nearest first).
+    faiss's proposal (the nearest float32 distances and their ids, nearest first; at least
+    `n_nearest` + 1 of them, or all centroids).
 
     A float32 squared distance |x|^2 + |c|^2 - 2x.c, or sum((x - c)^2), is within
-    2(D + 4)u(|x|^2 + |c|^2) of the exact one (u = 2^-24); two proposals further apart than twice
-    that are in the right order. Rows with a closer pair, or a row of unknown (-1) ids, are
-    re-decided among all centroids in float64."""
+    e = 2(D + 4)u(|x|^2 + |c|^2) of the exact one (u = 2^-24); two proposals further apart than 2e
+    are in the right order. A row with a closer pair among its first `n_nearest` + 1 proposals is
+    re-decided in float64: among its proposals when the last one lies more than 2e beyond the
+    `n_nearest`-th (every centroid not proposed is then further than the `n_nearest` nearest
+    proposals, exactly), else among all centroids; so is a row with unknown (-1) ids."""
     d = x.shape[1]
     margin = 4 * (d + 4) * 2.0 ** -24 * ((x * x).sum(axis=1) + largest_sq_norm)
-    gaps = np.diff(proposed.astype(np.float64), axis=1)[:, :n_nearest]
-    unsure = (gaps <= margin[:, None]).any(axis=1) | (proposed_ids[:, :n_nearest] < 0).any(axis=1)
+    proposed = proposed.astype(np.float64)
+    gaps = np.diff(proposed[:, :n_nearest + 1], axis=1)
+    unknown = (proposed_ids < 0).any(axis=1)
+    unsure = (gaps <= margin[:, None]).any(axis=1) | unknown
     ids = proposed_ids[:, :n_nearest].copy()
     sure = np.flatnonzero(~unsure)
     exact = np.empty(ids.shape)
     exact[sure] = squared_distances(x[sure], c[ids[sure]])
-    unsure_rows = np.flatnonzero(unsure)
+    all_proposed = proposed.shape[1] == len(c)
+    within_proposals = unsure & ~unknown & (all_proposed | (proposed[:, -1] - proposed[:, n_nearest - 1] > margin))
+    rows = np.flatnonzero(within_proposals)
+    candidates = proposed_ids[rows]
+    distances = squared_distances(x[rows], c[candidates])
+    order = np.lexsort((candidates, distances), axis=1)[:, :n_nearest]  # by distance, then id
+    ids[rows] = np.take_along_axis(candidates, order, axis=1)
+    exact[rows] = np.take_along_axis(distances, order, axis=1)
+    unsure_rows = np.flatnonzero(unsure & ~within_proposals)
     rows_per_chunk = max(1, 2 ** 22 // (len(c) * d))
     for lo in range(0, len(unsure_rows), rows_per_chunk):
         rows = unsure_rows[lo:lo + rows_per_chunk]
