@@ -173,8 +173,10 @@ def main() -> None:
                 start = time.perf_counter()
                 write_pool(data, n)
                 print(f"wrote {n:,} points in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-            row = {"n": n, "embeddings_mib": round(n * DIM * 2 / 2 ** 20, 1),
-                   "runs": [run(data, p) for p in args.processes]}
+            row = {"n": n, "embeddings_mib": round(n * DIM * 2 / 2 ** 20, 1), "runs": []}
+            for p in args.processes:
+                row["runs"].append(run(data, p))
+                print(f"{n:,} points, {p} process(es): {json.dumps(row['runs'][-1])}", file=sys.stderr, flush=True)
             by = {r["processes"]: r for r in row["runs"]}
             if 1 in by and 2 in by:
                 row["speedup_2_vs_1"] = round(by[1]["wall_s"] / by[2]["wall_s"], 2)

@@ -398,7 +398,8 @@ def render_markdown(results: dict, benchmarks: dict[str, Benchmark]) -> str:
         "Each ratio compares the measured figure with its baseline measured in the same run: how many times "
         "faster (or smaller in memory) it is; above 1 is better. *per CPU-s* is the same per CPU-second of the "
         "benchmark process, steadier when other jobs share the cores. Modes: quick (smoke test), default "
-        "(laptop-sized; curation up to 10^5 points), full (curation up to 10^6 points). *load* is the 1-minute "
+        "(laptop-sized; curation up to 10^5 points, the whole curation on disk up to 10^6), full (curation up to "
+        "10^6 points, the whole curation on disk up to 10^7). *load* is the 1-minute "
         "load average before and after the benchmark.",
         "",
         "| benchmark | figure | measured | baseline | baseline value | ratio | per CPU-s |",
