@@ -1,6 +1,8 @@
-"""What a whole curation costs at web scale (10^9 images x 1024-d by default) on N GPU nodes: the
-multiply-adds of every term that grows with the pool, counted from the algorithms in
-dinoscale/curation, turned into time with rates measured here and rates of a GPU.
+"""What a whole curation costs at web scale (10^9 images x 1024-d by default) on N nodes of 8 GPUs
+and 112 CPU cores: the multiply-adds of every term that grows with the pool, counted from the
+algorithms in dinoscale/curation, turned into time with rates measured here and rates of a GPU.
+Four scenarios: level 1 fitted as the preset says or on all points, and the inverted file's list
+scans on the CPU cores (as dinoscale runs them: faiss's CPU index) or on the GPUs.
 
     python -m benchmarks.curation_cost_model [--images 1e9] [--preset curate/web_4level]
         [--backbone dinov3_vitl16] [--gpu h100] [--nodes 8 16 32] [--results benchmarks/results.json]
@@ -21,12 +23,13 @@ Rates:
   this CPU   each stage's MACs per CPU-second in bench_curation_scale's runs (`results.json`), the
              benchmark's own settings fed to the same formulas; stable across sizes when the formulas
              hold
+  list scans one CPU core's bytes per second through faiss's CPU inverted file, measured at run time
   a GPU      faiss's documented k-means speed (its wiki, "Low level benchmarks": 1.28e14 MACs in 55 s
              on one P100 in float32, 34 s in float16) as a fraction of the P100 SXM2's datasheet peak,
              applied to the GPU's datasheet peak: float32 for every nearest-centroid search (faiss) and
-             the inverted lists' GEMMs, bf16 for k-means++'s screening GEMM; the list scans at the
-             GPU's memory bandwidth (every probed code read once, no reuse between queries: an upper
-             bound); the embedding forward at an assumed 40% MFU in bf16
+             the inverted lists' GEMMs, bf16 for k-means++'s screening GEMM; list scans at the GPU's
+             memory bandwidth, every probed code read once per query; the embedding forward at an
+             assumed 40% MFU in bf16
   network    400 Gb/s per GPU and 30 us per small collective (assumed, an InfiniBand NDR fabric):
              dedup's query broadcasts and answer gathers, k-means' cluster-sum all-reduces (int64)
              and k-means++'s three small collectives per seed
