@@ -165,11 +165,12 @@ def kmeans_terms(n: int, d: int, cfg: KMeansConfig) -> tuple[list[Term], Exchang
 
 # ----------------------------------------------------------------------------- rates measured here
 def measured_cpu_rates(results: Path) -> list[dict]:
-    """Per size of bench_curation_scale's 1-process runs: each stage's MACs per CPU-second."""
+    """Per size of bench_curation_scale's runs: each stage's MACs per CPU-second (all ranks' CPU time), from
+    the run on the fewest processes."""
     entry = json.loads(results.read_text())["benchmarks"]["curation_scale"]["result"]
     rows = []
     for row in entry["results"]:
-        run = next(r for r in row["runs"] if r["processes"] == 1)
+        run = min(row["runs"], key=lambda r: r["processes"])
         dedup, _ = dedup_terms(row["n"], entry["dim"], DedupConfig(**entry["dedup"]))
         kmeans, _ = kmeans_terms(run["kept"], entry["dim"], KMeansConfig(**entry["kmeans"]))
         rows.append({"n": row["n"], **{
