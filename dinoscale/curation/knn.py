@@ -45,6 +45,7 @@ FP32_UNIT_ROUNDOFF = 2.0 ** -24
 MIN_RERANK_MARGIN = 8
 TRAINING_POINTS_PER_LIST = 64
 QUANTIZER_ITERATIONS = 10
+SCORE_CHUNK_BYTES = 64 * 2**20  # rows x lists scores at a time: a whole block of them is 829 MB at 10^7 rows
 
 
 def n_inverted_lists(n_rows: int) -> int:
@@ -220,9 +221,14 @@ class ListCentroids:
         self._half_sq_norms = (self._c * self._c).sum(dim=1) / 2
 
     def nearest(self, rows: np.ndarray, n: int) -> np.ndarray:
-        """The `n` nearest centroids (L2) of each row: one float32 GEMM per call (callers pass fixed blocks)."""
-        scores = torch.from_numpy(rows).to(self.device) @ self._c.T - self._half_sq_norms
-        return scores.topk(n, dim=1).indices.cpu().numpy().astype(np.int64)
+        """The `n` nearest centroids (L2) of each row: float32 GEMMs over fixed chunks of the rows (callers
+        pass fixed blocks), each chunk's scores at most `SCORE_CHUNK_BYTES`."""
+        chunk = max(1, SCORE_CHUNK_BYTES // (4 * len(self.centroids)))
+        found = []
+        for lo in range(0, len(rows), chunk):
+            scores = torch.from_numpy(rows[lo:lo + chunk]).to(self.device) @ self._c.T - self._half_sq_norms
+            found.append(scores.topk(n, dim=1).indices.cpu().numpy().astype(np.int64))
+        return np.concatenate(found) if found else np.zeros((0, n), dtype=np.int64)
 
 
 def _row_blocks(ids: np.ndarray) -> list[slice]:

@@ -7,9 +7,11 @@ import hashlib
 import numpy as np
 import pytest
 
+from dinoscale.curation import knn
 from dinoscale.curation.config import DedupConfig
 from dinoscale.curation.dedup import content_hashes, deduplicate, load_dedup_result, save_dedup_result
 from dinoscale.curation.dedup_eval import GroundTruth, score_groups
+from dinoscale.curation.knn import ListCentroids, n_inverted_lists
 from dinoscale.errors import DataError
 
 
@@ -209,9 +211,10 @@ def test_decontamination_drops_whole_components():
 
 
 @pytest.mark.parametrize("ivf", [False, True])
-def test_matches_brute_force_cosine_graph(ivf: bool):
-    """Clustered data where k limits the graph: faiss (flat, or IVF probing every list) and the rounds of
-    `survivor_states` give the groups of the walk written out in numpy."""
+def test_matches_brute_force_cosine_graph(ivf: bool, monkeypatch):
+    """Clustered data where k limits the graph: faiss (flat, or IVF probing every list, its rows put in
+    lists 7 at a time) and the rounds of `survivor_states` give the groups of the walk written out in numpy."""
+    monkeypatch.setattr(knn, "SCORE_CHUNK_BYTES", 4 * n_inverted_lists(600) * 7)
     rng = np.random.default_rng(8)
     centers = rng.standard_normal((30, 48))
     x = unit(centers[rng.integers(0, 30, 600)] + 0.9 * rng.standard_normal((600, 48)))
@@ -225,6 +228,15 @@ def test_matches_brute_force_cosine_graph(ivf: bool):
     for g in expected:
         expected_keep[sorted(g)[1:]] = False
     np.testing.assert_array_equal(result.keep, expected_keep)
+
+
+def test_list_centroids_find_the_nearest_by_l2_distance_in_chunks_of_rows(monkeypatch):
+    rng = np.random.default_rng(3)
+    rows, centroids = rng.standard_normal((50, 16)).astype(np.float32), rng.standard_normal((9, 16)).astype(np.float32)
+    distances = ((rows[:, None, :].astype(np.float64) - centroids[None]) ** 2).sum(-1)
+    monkeypatch.setattr(knn, "SCORE_CHUNK_BYTES", 4 * 9 * 4)  # 4 rows at a time
+    np.testing.assert_array_equal(ListCentroids(centroids).nearest(rows, 3), np.argsort(distances, axis=1)[:, :3])
+    assert ListCentroids(centroids).nearest(rows[:0], 3).shape == (0, 3)
 
 
 def test_save_and_load_round_trip(tmp_path):
