@@ -22,9 +22,11 @@ whether the 2-process result (dedup kept set, every level's assignment, the samp
 1-process one. Then the growth exponents over the sizes, and the 2-process speed-up.
 
     python -m benchmarks.bench_curation_scale [--sizes 100000 1000000 10000000] [--processes 1 2]
-        [--data DIR]
+        [--one-process-max-n 1000000] [--data DIR]
 
-The data is written once per size into DIR (default: a temporary folder, removed afterwards).
+The data is written once per size into DIR (default: a temporary folder, removed afterwards). Sizes
+above `--one-process-max-n` run on more than one process only (on 2 cores the 1-process run of 10^7
+points takes longer than the 2-process one, about an hour).
 """
 
 from __future__ import annotations
@@ -157,6 +159,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--one-process-max-n", type=int, default=None,
+                        help="the largest size that also runs on 1 process (default: every size)")
     parser.add_argument("--data", type=Path, default=None, help="where the pools are written (kept if given)")
     parser.add_argument("--worker", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -175,6 +179,8 @@ def main() -> None:
                 print(f"wrote {n:,} points in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
             row = {"n": n, "embeddings_mib": round(n * DIM * 2 / 2 ** 20, 1), "runs": []}
             for p in args.processes:
+                if p == 1 and args.one_process_max_n is not None and n > args.one_process_max_n:
+                    continue
                 row["runs"].append(run(data, p))
                 print(f"{n:,} points, {p} process(es): {json.dumps(row['runs'][-1])}", file=sys.stderr, flush=True)
             by = {r["processes"]: r for r in row["runs"]}
@@ -191,11 +197,11 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     report = {"benchmark": "curation_scale", "machine": describe_machine(),
               "dim": DIM, "dtype": "float16", "dedup": DEDUP, "kmeans": KMEANS, "results": rows}
-    sizes = [r["n"] for r in rows]
     for p in args.processes:
+        runs = [(r["n"], x) for r in rows for x in r["runs"] if x["processes"] == p]
         for measure in ("wall_s", "cpu_s"):
             report[f"growth_exponent_{measure[:-2]}_{p}_process"] = growth_exponent(
-                sizes, [next(x for x in r["runs"] if x["processes"] == p)[measure] for r in rows])
+                [n for n, _ in runs], [x[measure] for _, x in runs])
     print(json.dumps(report, indent=2))
 
 

@@ -316,7 +316,8 @@ BENCHMARKS = {
         "default": ["--arch", "vit_giant2", "--dry-arch", "vit_7b"]}, summarise_build),
     "curation_scale": Benchmark("benchmarks.bench_curation_scale", {
         "quick": ["--sizes", "100000"], "default": ["--sizes", "100000", "1000000"],
-        "full": ["--sizes", "100000", "1000000", "10000000"]}, summarise_curation_scale),
+        "full": ["--sizes", "100000", "1000000", "10000000", "--one-process-max-n", "1000000"]},
+        summarise_curation_scale),
     "dedup_real": Benchmark("benchmarks.bench_dedup_real", {
         "quick": ["--max-pictures", "100"], "default": []}, summarise_dedup_real),
     "distill": Benchmark("benchmarks.bench_distill", {
