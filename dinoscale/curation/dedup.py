@@ -49,7 +49,6 @@ groups and the kept set are those of a single process.
 from __future__ import annotations
 
 import hashlib
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -251,31 +250,48 @@ def load_dedup_result(directory: str | Path) -> DedupResult:
 def _exact_duplicate_links(hashes: Sequence[str] | Callable[[int], bytes], rows: range, priority: SurvivorPriority,
                            comm: Comm) -> np.ndarray:
     """(duplicate, survivor) pairs of all items with the same digest, on every rank. Each rank hashes
-    its own items and sends each digest to the rank the digest's crc32 names; that rank groups them."""
-    if callable(hashes):
-        digests = content_hashes(hashes, 0, rows)
-    else:
-        digests = [h.decode() if isinstance(h, bytes) else str(h) for h in np.asarray(hashes[rows.start:rows.stop])]
-    encoded = np.array([d.encode() for d in digests], dtype=f"S{max([1, *map(len, digests)])}")
-    width = int(comm.max(np.array([encoded.dtype.itemsize]))[0])
-    encoded = encoded.astype(f"S{width}")
-    bucket = np.array([zlib.crc32(d) % comm.world for d in encoded], dtype=np.int64)
-    order = np.argsort(bucket, kind="stable")
-    cuts = np.searchsorted(bucket[order], np.arange(1, comm.world))
+    its own items and sends each digest to the rank its bytes name (`_owner_ranks`); that rank groups
+    them. Digests stay in numpy arrays: millions of Python strings per rank would cost gigabytes."""
+    digests = _as_bytes(content_hashes(hashes, 0, rows) if callable(hashes) else hashes[rows.start:rows.stop])
+    width = int(comm.max(np.array([max(digests.dtype.itemsize, 1)]))[0])
+    digests = digests.astype(f"S{width}")
+    owner = _owner_ranks(digests, comm.world)
+    order = np.argsort(owner, kind="stable")
+    cuts = np.searchsorted(owner[order], np.arange(1, comm.world))
     items = np.arange(rows.start, rows.stop, dtype=np.int64)[order]
-    received = np.concatenate(comm.exchange(np.split(encoded[order], cuts)))
+    received = np.concatenate(comm.exchange(np.split(digests[order], cuts)))
     received_items = np.concatenate(comm.exchange(np.split(items, cuts)))
-    _, digest_group = np.unique(received, return_inverse=True)
-    by_group = np.lexsort((received_items, digest_group))
-    starts = np.flatnonzero(np.r_[True, np.diff(digest_group[by_group]) != 0])
-    links = []
-    for members in np.split(received_items[by_group], starts[1:]):
-        if len(members) > 1:
-            best = priority.order(members)[0]
-            links.append(np.stack([members[members != best], np.full(len(members) - 1, best)], axis=1))
-    local = np.concatenate([np.zeros((0, 2), dtype=np.int64), *links])
-    gathered = comm.concat(local)
+    _, digest_group, sizes = np.unique(received, return_inverse=True, return_counts=True)
+    shared = sizes[digest_group.reshape(-1)] > 1
+    members, groups = received_items[shared], digest_group.reshape(-1)[shared]
+    by_group = np.lexsort((members, groups))
+    starts = np.flatnonzero(np.diff(groups[by_group])) + 1
+    links = [np.zeros((0, 2), dtype=np.int64)]
+    for group in np.split(members[by_group], starts) if len(members) else []:
+        best = priority.order(group)[0]
+        links.append(np.stack([group[group != best], np.full(len(group) - 1, best)], axis=1))
+    gathered = comm.concat(np.concatenate(links))
     return gathered[np.argsort(gathered[:, 0], kind="stable")]
+
+
+def _as_bytes(digests: Any) -> np.ndarray:
+    """Digests (bytes, or text taken as UTF-8) as a numpy bytes array."""
+    digests = np.asarray(digests)
+    if digests.dtype.kind == "S":
+        return digests
+    if digests.dtype.kind == "U":
+        return np.char.encode(digests, "utf-8")
+    return np.array([d if isinstance(d, bytes) else str(d).encode() for d in digests.tolist()], dtype=bytes)
+
+
+def _owner_ranks(digests: np.ndarray, world: int) -> np.ndarray:
+    """The rank that groups each digest: the FNV-1a hash of its bytes (zero-padded to the width every
+    rank uses) modulo the world size."""
+    columns = digests.view(np.uint8).reshape(len(digests), digests.dtype.itemsize)
+    h = np.full(len(digests), 0xCBF29CE484222325, dtype=np.uint64)
+    for column in columns.T:
+        h = (h ^ column) * np.uint64(0x100000001B3)  # wraps modulo 2^64, as FNV-1a does
+    return (h % np.uint64(world)).astype(np.int64)
 
 
 def _near_duplicate_links(index: ShardedCosineIndex, x: Any, representatives: np.ndarray, cfg: DedupConfig

@@ -150,11 +150,12 @@ def test_exact_hash_duplicates_all_found():
     for original, dups in copies.items():
         for d in dups:
             hashes[d] = hashes[original]
-    result = deduplicate(x, DedupConfig(), hashes=hashes)
-    assert as_sets(result.groups) == sorted(({o, *d} for o, d in copies.items()), key=min)
-    assert result.counts["exact_duplicates"] == 6
-    assert result.counts["near_duplicates"] == 0
-    assert set(np.flatnonzero(~result.keep)) == {10, 25, 8, 31, 32, 39}
+    for given in (hashes, np.array(hashes, dtype="S64"), [h.encode() for h in hashes]):  # text, a store's bytes
+        result = deduplicate(x, DedupConfig(), hashes=given)
+        assert as_sets(result.groups) == sorted(({o, *d} for o, d in copies.items()), key=min)
+        assert result.counts["exact_duplicates"] == 6
+        assert result.counts["near_duplicates"] == 0
+        assert set(np.flatnonzero(~result.keep)) == {10, 25, 8, 31, 32, 39}
 
     off = deduplicate(x, DedupConfig(exact=False), hashes=hashes)
     assert off.keep.all()
