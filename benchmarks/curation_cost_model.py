@@ -125,8 +125,8 @@ def dedup_terms(n: int, d: int, cfg: DedupConfig) -> tuple[list[Term], Exchange]
     candidates += max(candidates, MIN_RERANK_MARGIN)
     terms = [Term("dedup", f"train {nlist:,} list centroids", QUANTIZER_ITERATIONS * float(training) * nlist * d,
                   "fp32"),
-             Term("dedup", "assign rows to lists", float(n) * nlist * d, "fp32"),
-             Term("dedup", f"find each query's {nprobe} lists", float(n) * nlist * d, "fp32"),
+             Term("dedup", f"find each row's {nprobe} nearest lists (its list, and its probes as a query)",
+                  float(n) * nlist * d, "fp32"),
              Term("dedup", f"scan {nprobe} lists per query (8-bit codes)", float(n) * nprobe * (n / nlist) * d, "scan")]
     return terms, Exchange(n * (4 * d + 8 * nprobe + 8 + 17 * candidates), 8 * n / BLOCK_ROWS)
 

@@ -117,6 +117,7 @@ def test_curation_cost_model_counts_the_published_web_configuration():
     assert macs["level 2: Lloyd"] == 50 * (100_000 * 100) * 500_000 * 1024  # level 1 ends with 100 splits each
     lists = round(4 * 10**4.5)
     assert macs["scan 32 lists per query (8-bit codes)"] == pytest.approx(10**9 * 32 * 10**9 / lists * 1024, rel=1e-4)
+    assert macs["find each row's 32 nearest lists (its list, and its probes as a query)"] == 10**9 * lists * 1024
     assert model["train_sample"] is None
     assert 1.28e14 / p100.macs_per_s("fp32") == pytest.approx(55.0)  # faiss: 55 s on one P100
 

@@ -98,16 +98,42 @@ class ShardedCosineIndex:
             index.nprobe = min(nprobe, nlist)
             self.index = index
             self.step = vdiff / 255.0  # a code is at most half a step from its value; a whole step is safe
-        for block in self.blocks:
-            rows = l2_normalize(x[self.ids[block]])
-            if self.quantizer is None:
-                self.index.add(rows)
-            else:
-                lists = np.ascontiguousarray(self.quantizer.nearest(rows, 1)[:, 0])
-                row_ids = np.ascontiguousarray(self.ids[block])  # referenced here until faiss has copied them
-                self.index.add_core(len(rows), faiss.swig_ptr(rows), faiss.swig_ptr(row_ids), faiss.swig_ptr(lists))
+        self.own_probes: np.ndarray | None = None
+        if self.quantizer is None:
+            for block in self.blocks:
+                self.index.add(l2_normalize(x[self.ids[block]]))
+        else:
+            self._fill_lists()
 
     # ------------------------------------------------------------------ building
+    def _fill_lists(self) -> None:
+        """Put this rank's rows into the inverted file, each into its nearest list. The `nprobe` nearest
+        lists of every row are kept (`own_probes`, int32): the first is the row's list, and all of them
+        are what the row scans when it is itself a query (dedup's queries are the indexed rows), so
+        those GEMMs run once. Each list is sized before it is filled: lists grown row by row hold up to
+        twice their codes."""
+        self.own_probes = np.concatenate([np.zeros((0, self.index.nprobe), dtype=np.int32)] + [
+            self.quantizer.nearest(l2_normalize(self.x[self.ids[block]]), self.index.nprobe).astype(np.int32)
+            for block in self.blocks])
+        lists = self.own_probes[:, 0]
+        invlists = faiss.downcast_InvertedLists(self.index.invlists)
+        for lst, size in enumerate(np.bincount(lists, minlength=self.index.nlist).tolist()):
+            if size:
+                invlists.resize(lst, size)
+        filled = np.zeros(self.index.nlist, dtype=np.int64)
+        for block in self.blocks:
+            rows = l2_normalize(self.x[self.ids[block]])
+            codes = self.index.sq.compute_codes(rows)
+            order = np.argsort(lists[block], kind="stable")
+            block_lists, codes, row_ids = lists[block][order], codes[order], self.ids[block][order]
+            starts = np.flatnonzero(np.r_[True, np.diff(block_lists) != 0])
+            for start, stop in zip(starts.tolist(), np.r_[starts[1:], len(order)].tolist()):
+                lst = int(block_lists[start])
+                invlists.update_entries(lst, int(filled[lst]), stop - start, faiss.swig_ptr(row_ids[start:stop]),
+                                        faiss.swig_ptr(codes[start:stop]))
+                filled[lst] += stop - start
+        self.index.ntotal = len(self.ids)
+
     def _train_lists(self, nlist: int, n_total: int, seed: int) -> np.ndarray:
         """k-means centroids of a sample of all ranks' indexed rows (random initial centroids)."""
         rng = np.random.default_rng(seed)
@@ -135,13 +161,15 @@ class ShardedCosineIndex:
         `on_result(query ids, Neighbours)` is called here for each block of them. A collective:
         every rank calls it, with its own queries."""
         blocks = _row_blocks(np.asarray(ids, dtype=np.int64))
+        indexed_rows = self.own_probes is not None and x is self.x and np.array_equal(ids, self.ids)
         n_blocks = self.comm.concat(np.array([len(blocks)], dtype=np.int64), [1] * self.comm.world)
         for owner in range(self.comm.world):
             for b in range(int(n_blocks[owner])):
                 mine = owner == self.comm.rank
                 query_ids = ids[blocks[b]] if mine else np.zeros(0, dtype=np.int64)
                 queries = l2_normalize(x[query_ids]) if mine else np.zeros((0, self.dim), dtype=np.float32)
-                probes = self._probes(queries)  # found once, by the owner; they travel with the queries
+                # found once, by the owner; they travel with the queries
+                probes = self.own_probes[blocks[b]].astype(np.int64) if mine and indexed_rows else self._probes(queries)
                 n_queries = int(self.comm.broadcast(len(query_ids), src=owner))
                 query_ids, queries, probes = (self.comm.share(part, owner, n_queries)
                                               for part in (query_ids, queries, probes))
