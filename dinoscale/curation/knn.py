@@ -111,7 +111,8 @@ class ShardedCosineIndex:
         lists of every row are kept (`own_probes`, int32): the first is the row's list, and all of them
         are what the row scans when it is itself a query (dedup's queries are the indexed rows), so
         those GEMMs run once. Each list is sized before it is filled: lists grown row by row hold up to
-        twice their codes."""
+        twice their codes. So the rows are read twice, once to count each list's rows and once to write
+        their codes; holding the codes between the passes would double the index's memory."""
         self.own_probes = np.concatenate([np.zeros((0, self.index.nprobe), dtype=np.int32)] + [
             self.quantizer.nearest(l2_normalize(self.x[self.ids[block]]), self.index.nprobe).astype(np.int32)
             for block in self.blocks])
